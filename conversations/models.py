@@ -1,0 +1,329 @@
+"""The record of every WhatsApp conversation the Pinecall agent has, and of what
+operators did about it.
+
+The database is the source of truth: the worker writes Pinecall's events here,
+operators' intents are written here (the outbox) before they are attempted, and
+the channel layer only wakes and notifies.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Conversation(models.Model):
+    """One Pinecall WhatsApp session: one agent and one contact, until it ends."""
+
+    class State(models.TextChoices):
+        ACTIVE = "active", "Active"
+        ENDED = "ended", "Ended"
+
+    class Holder(models.TextChoices):
+        AI = "ai", "AI"
+        HUMAN = "human", "Human"
+
+    session_id = models.CharField(max_length=64, unique=True)
+    agent_id = models.CharField(max_length=100)
+    contact_phone = models.CharField(max_length=32)
+    contact_name = models.CharField(max_length=200, blank=True)
+
+    state = models.CharField(max_length=10, choices=State.choices, default=State.ACTIVE)
+    end_reason = models.CharField(max_length=40, blank=True)
+
+    # Who answers the customer. A human holder is claimed when the operator clicks
+    # Take over; `ai_paused` says whether Pinecall has confirmed the pause.
+    holder = models.CharField(max_length=10, choices=Holder.choices, default=Holder.AI)
+    held_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="held_conversations",
+    )
+    held_since = models.DateTimeField(null=True, blank=True)
+    ai_paused = models.BooleanField(
+        default=False, help_text="Pinecall confirmed that the AI is paused for this session."
+    )
+    needs_human = models.BooleanField(
+        default=False,
+        help_text="The customer asked for a person, or wrote while the AI was paused "
+        "and nobody held the conversation.",
+    )
+
+    started_at = models.DateTimeField(default=timezone.now)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    last_message_at = models.DateTimeField(null=True, blank=True)
+    last_customer_message_at = models.DateTimeField(null=True, blank=True)
+
+    # Kept on the row so that the inbox is one query whatever the history's size.
+    last_message_preview = models.CharField(max_length=200, blank=True)
+    last_message_author = models.CharField(max_length=10, blank=True)
+    message_count = models.PositiveIntegerField(default=0)
+    unread_count = models.PositiveIntegerField(
+        default=0, help_text="Customer messages the holder has not seen yet."
+    )
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-last_message_at", "-id"]
+        indexes = [
+            models.Index(fields=["state", "-last_message_at"], name="conv_state_activity"),
+            models.Index(
+                fields=["holder", "state", "-last_message_at"], name="conv_holder_activity"
+            ),
+            models.Index(fields=["held_by", "-last_message_at"], name="conv_held_by_activity"),
+            models.Index(fields=["contact_phone", "-started_at"], name="conv_contact"),
+            models.Index(fields=["agent_id", "state"], name="conv_agent_state"),
+            models.Index(
+                fields=["-last_message_at"],
+                name="conv_needs_human",
+                condition=models.Q(needs_human=True, state="active"),
+            ),
+        ]
+        permissions = [
+            ("take_over_conversation", "Can take over, reply to and hand back conversations"),
+            ("pause_contact_or_agent", "Can pause a contact or the whole agent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.contact_name or self.contact_phone} ({self.session_id})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state == self.State.ACTIVE
+
+    @property
+    def is_held_by_human(self) -> bool:
+        return self.holder == self.Holder.HUMAN
+
+
+class Message(models.Model):
+    """One WhatsApp message in a conversation, in either direction."""
+
+    class Direction(models.TextChoices):
+        INBOUND = "in", "From the customer"
+        OUTBOUND = "out", "To the customer"
+        # A line in the timeline, not a WhatsApp message: "Ana took over", "Ended".
+        NOTE = "note", "Timeline note"
+
+    class Author(models.TextChoices):
+        CUSTOMER = "customer", "Customer"
+        AI = "ai", "AI"
+        HUMAN = "human", "Human"
+        SYSTEM = "system", "System"
+
+    class Type(models.TextChoices):
+        TEXT = "text", "Text"
+        AUDIO = "audio", "Voice note"
+        IMAGE = "image", "Image"
+        VIDEO = "video", "Video"
+        DOCUMENT = "document", "Document"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SENT = "sent", "Sent"
+        DELIVERED = "delivered", "Delivered"
+        READ = "read", "Read"
+        FAILED = "failed", "Failed"
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    # WhatsApp's id: given for incoming messages; learnt from the first status
+    # for outgoing ones (Pinecall's replies carry none).
+    message_id = models.CharField(max_length=128, null=True, blank=True, unique=True)
+    direction = models.CharField(max_length=4, choices=Direction.choices)
+    author = models.CharField(max_length=10, choices=Author.choices)
+    operator = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="sent_messages",
+    )
+    type = models.CharField(max_length=10, choices=Type.choices, default=Type.TEXT)
+    text = models.TextField(blank=True)
+    paused = models.BooleanField(
+        null=True, blank=True, help_text="The `paused` flag as Pinecall sent it (incoming only)."
+    )
+    status = models.CharField(max_length=10, choices=Status.choices, blank=True)
+    error = models.CharField(max_length=300, blank=True)
+    # A human send is stored at once; Pinecall then echoes it as a
+    # `whatsapp.response` with source "human", which must not make a copy.
+    echo_received = models.BooleanField(default=False)
+
+    created_at = models.DateTimeField(default=timezone.now)
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(fields=["conversation", "id"], name="msg_conversation"),
+            models.Index(
+                fields=["direction", "conversation", "id"],
+                name="msg_unbound_outbound",
+                condition=models.Q(message_id__isnull=True, direction="out"),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_author_display()}: {self.text[:60]}"
+
+    # Delivery status only moves forward: read stays read.
+    STATUS_RANK = {Status.PENDING: 0, Status.SENT: 1, Status.DELIVERED: 2, Status.READ: 3}
+
+    def can_move_to(self, status: str) -> bool:
+        if status == self.Status.FAILED:
+            return self.status in ("", self.Status.PENDING, self.Status.SENT)
+        if self.status == self.Status.FAILED:
+            return False
+        return self.STATUS_RANK.get(status, -1) > self.STATUS_RANK.get(self.status, -1)
+
+
+class ContactPause(models.Model):
+    """A contact for whom the AI is paused at Pinecall, across all their sessions."""
+
+    agent_id = models.CharField(max_length=100)
+    contact_phone = models.CharField(max_length=32)
+    paused_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    paused_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["agent_id", "contact_phone"], name="uniq_contact_pause")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.contact_phone} paused on {self.agent_id}"
+
+
+class AgentState(models.Model):
+    """The agent as the dashboard knows it: the kill switch and the worker's link."""
+
+    agent_id = models.CharField(max_length=100, unique=True)
+    ai_paused = models.BooleanField(default=False, help_text="The kill switch: AI off everywhere.")
+    paused_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    paused_at = models.DateTimeField(null=True, blank=True)
+    worker_connected = models.BooleanField(default=False)
+    worker_seen_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.agent_id
+
+
+class Command(models.Model):
+    """The outbox: an operator's intent for Pinecall, stored before it is attempted.
+
+    The worker sends pending commands in order and records Pinecall's answer.
+    """
+
+    class Kind(models.TextChoices):
+        PAUSE = "pause", "Pause"
+        RESUME = "resume", "Resume"
+        SEND = "send", "Send"
+
+    class Scope(models.TextChoices):
+        SESSION = "session", "One conversation"
+        CONTACT = "contact", "A contact"
+        AGENT = "agent", "The whole agent"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SENT = "sent", "Sent to Pinecall"
+        CONFIRMED = "confirmed", "Confirmed"
+        FAILED = "failed", "Failed"
+
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    scope = models.CharField(max_length=10, choices=Scope.choices)
+    agent_id = models.CharField(max_length=100)
+    session_id = models.CharField(max_length=64, blank=True)
+    contact_phone = models.CharField(max_length=32, blank=True)
+    text = models.TextField(blank=True)
+    conversation = models.ForeignKey(
+        Conversation, null=True, blank=True, on_delete=models.SET_NULL, related_name="commands"
+    )
+    message = models.OneToOneField(
+        Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="command"
+    )
+    operator = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    error_code = models.CharField(max_length=60, blank=True)
+    error_message = models.CharField(max_length=500, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(
+                fields=["id"],
+                name="cmd_open",
+                condition=models.Q(status__in=["pending", "sent"]),
+            ),
+            models.Index(fields=["conversation", "-id"], name="cmd_conversation"),
+        ]
+
+    def __str__(self) -> str:
+        target = self.session_id or self.contact_phone or self.agent_id
+        return f"{self.kind} {target} ({self.status})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in (self.Status.PENDING, self.Status.SENT)
+
+
+class AuditEntry(models.Model):
+    """Who did what, when, and how it ended."""
+
+    class Action(models.TextChoices):
+        TAKE_OVER = "take_over", "Took over"
+        SEND = "send", "Sent a message"
+        HAND_BACK = "hand_back", "Handed back to the AI"
+        PAUSE_CONTACT = "pause_contact", "Paused a contact"
+        RESUME_CONTACT = "resume_contact", "Resumed a contact"
+        PAUSE_AGENT = "pause_agent", "Paused the whole agent"
+        RESUME_AGENT = "resume_agent", "Resumed the whole agent"
+
+    class Outcome(models.TextChoices):
+        PENDING = "pending", "Pending"
+        CONFIRMED = "confirmed", "Confirmed"
+        FAILED = "failed", "Failed"
+        REFUSED = "refused", "Refused"
+
+    operator = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    action = models.CharField(max_length=20, choices=Action.choices)
+    agent_id = models.CharField(max_length=100)
+    conversation = models.ForeignKey(
+        Conversation, null=True, blank=True, on_delete=models.SET_NULL, related_name="audit"
+    )
+    contact_phone = models.CharField(max_length=32, blank=True)
+    command = models.OneToOneField(
+        Command, null=True, blank=True, on_delete=models.SET_NULL, related_name="audit"
+    )
+    outcome = models.CharField(max_length=10, choices=Outcome.choices, default=Outcome.PENDING)
+    detail = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name_plural = "audit entries"
+        indexes = [models.Index(fields=["conversation", "-id"], name="audit_conversation")]
+
+    def __str__(self) -> str:
+        return f"{self.operator} {self.get_action_display()} ({self.outcome})"

@@ -1,0 +1,540 @@
+"""Every write to the domain: operators' actions and the outcome of Pinecall commands.
+
+Views, admin actions, the worker and tests call these and nothing else writes
+models. Each function is one transaction; whatever operators must hear about is
+broadcast, and the worker is woken, only after the commit (so nobody is told
+about a row that was rolled back).
+
+The ingest of Pinecall's events lives beside this, in `conversations.ingest`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from conversations import live
+from conversations.models import (
+    AgentState,
+    AuditEntry,
+    Command,
+    ContactPause,
+    Conversation,
+    Message,
+)
+
+TAKE_OVER_PERMISSION = "conversations.take_over_conversation"
+PAUSE_WIDE_PERMISSION = "conversations.pause_contact_or_agent"
+WHATSAPP_WINDOW = timezone.timedelta(hours=24)
+
+
+class ActionRefused(Exception):
+    """An operator's action that cannot be carried out; `str()` says why, for people."""
+
+
+@dataclass(frozen=True)
+class HeldByAnother(ActionRefused):
+    holder_name: str
+
+    def __str__(self) -> str:
+        return f"{self.holder_name} holds this conversation. Take it over to reply."
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def display_name(user: AbstractBaseUser | None) -> str:
+    if user is None:
+        return "Someone"
+    full = user.get_full_name() if hasattr(user, "get_full_name") else ""
+    return full or user.get_username()
+
+
+def _require(operator: AbstractBaseUser, permission: str) -> None:
+    if not operator.has_perm(permission):
+        raise PermissionDenied("You are not allowed to do this.")
+
+
+def _locked(conversation: Conversation) -> Conversation:
+    """The conversation's row, locked for the rest of the transaction."""
+    return Conversation.objects.select_for_update().get(pk=conversation.pk)
+
+
+def _enqueue(*, audit_action: str, operator, conversation=None, **command_fields) -> Command:
+    """Store an intent for Pinecall (outbox + audit) and wake the worker on commit."""
+    command = Command.objects.create(operator=operator, conversation=conversation, **command_fields)
+    AuditEntry.objects.create(
+        operator=operator,
+        action=audit_action,
+        agent_id=command.agent_id,
+        conversation=conversation,
+        contact_phone=command.contact_phone,
+        command=command,
+    )
+    transaction.on_commit(live.wake_worker)
+    return command
+
+
+def _note(conversation: Conversation, text: str) -> Message:
+    """A divider in the timeline ("Ana took over"); not a WhatsApp message."""
+    note = Message.objects.create(
+        conversation=conversation,
+        direction=Message.Direction.NOTE,
+        author=Message.Author.SYSTEM,
+        text=text,
+    )
+    transaction.on_commit(lambda: live.message_added(note))
+    return note
+
+
+def agent_state_get(agent_id: str | None = None) -> AgentState:
+    state, _ = AgentState.objects.get_or_create(agent_id=agent_id or settings.PINECALL_AGENT_ID)
+    return state
+
+
+def conversation_window_open(conversation: Conversation, *, now=None) -> bool:
+    """WhatsApp allows free text only within 24 h of the customer's last message."""
+    last = conversation.last_customer_message_at
+    return last is not None and (now or timezone.now()) - last < WHATSAPP_WINDOW
+
+
+# ---------------------------------------------------------------- one conversation
+
+
+@transaction.atomic
+def conversation_take_over(
+    *, conversation: Conversation, operator: AbstractBaseUser, force: bool = False
+) -> Command:
+    """Claim the conversation for `operator` and ask Pinecall to pause its AI.
+
+    The first operator to take over holds it; another must pass `force=True`
+    (the dashboard asks them to confirm) to take it from them.
+    """
+    _require(operator, TAKE_OVER_PERMISSION)
+    conversation = _locked(conversation)
+    if not conversation.is_active:
+        raise ActionRefused("This conversation has ended; there is nothing to take over.")
+    holder = conversation.held_by
+    if holder is not None and holder.pk != operator.pk and not force:
+        raise HeldByAnother(display_name(holder))
+    if holder is not None and holder.pk == operator.pk:
+        open_pause = conversation.commands.filter(
+            kind=Command.Kind.PAUSE, status__in=[Command.Status.PENDING, Command.Status.SENT]
+        ).last()
+        if open_pause or conversation.ai_paused:
+            raise ActionRefused("You already hold this conversation.")
+
+    conversation.holder = Conversation.Holder.HUMAN
+    conversation.held_by = operator
+    conversation.held_since = timezone.now()
+    conversation.unread_count = 0
+    conversation.needs_human = False
+    conversation.save(
+        update_fields=["holder", "held_by", "held_since", "unread_count", "needs_human", "updated_at"]
+    )
+    command = _enqueue(
+        audit_action=AuditEntry.Action.TAKE_OVER,
+        operator=operator,
+        conversation=conversation,
+        kind=Command.Kind.PAUSE,
+        scope=Command.Scope.SESSION,
+        agent_id=conversation.agent_id,
+        session_id=conversation.session_id,
+    )
+    if holder is not None and holder.pk != operator.pk:
+        _note(conversation, f"{display_name(operator)} took over from {display_name(holder)}")
+    transaction.on_commit(lambda: live.conversation_changed(conversation))
+    return command
+
+
+@transaction.atomic
+def conversation_send(
+    *, conversation: Conversation, operator: AbstractBaseUser, text: str
+) -> Message:
+    """Store the operator's reply at once (pending) and queue it for Pinecall."""
+    _require(operator, TAKE_OVER_PERMISSION)
+    text = (text or "").strip()
+    if not text:
+        raise ValidationError("Write something before sending.")
+    if len(text) > settings.MESSAGE_MAX_LENGTH:
+        raise ValidationError(
+            f"WhatsApp takes at most {settings.MESSAGE_MAX_LENGTH} characters "
+            f"(this has {len(text)})."
+        )
+    conversation = _locked(conversation)
+    if conversation.held_by_id != operator.pk:
+        if conversation.held_by is None:
+            raise ActionRefused("Take over this conversation before replying.")
+        raise HeldByAnother(display_name(conversation.held_by))
+    if not conversation_window_open(conversation):
+        raise ActionRefused(
+            "The 24-hour WhatsApp window has closed: the customer must write first."
+        )
+
+    now = timezone.now()
+    message = Message.objects.create(
+        conversation=conversation,
+        direction=Message.Direction.OUTBOUND,
+        author=Message.Author.HUMAN,
+        operator=operator,
+        text=text,
+        status=Message.Status.PENDING,
+        created_at=now,
+        status_changed_at=now,
+    )
+    _enqueue(
+        audit_action=AuditEntry.Action.SEND,
+        operator=operator,
+        conversation=conversation,
+        message=message,
+        kind=Command.Kind.SEND,
+        scope=Command.Scope.SESSION,
+        agent_id=conversation.agent_id,
+        session_id=conversation.session_id,
+        contact_phone=conversation.contact_phone,
+        text=text,
+    )
+    _touch(conversation, message)
+    transaction.on_commit(lambda: live.message_added(message))
+    return message
+
+
+@transaction.atomic
+def conversation_hand_back(
+    *, conversation: Conversation, operator: AbstractBaseUser, force: bool = False
+) -> Command | None:
+    """Ask Pinecall to resume the AI; the holder stays until Pinecall confirms.
+
+    An ended conversation has nothing to resume: the hold is released at once.
+    """
+    _require(operator, TAKE_OVER_PERMISSION)
+    conversation = _locked(conversation)
+    if conversation.held_by_id is None:
+        raise ActionRefused("The AI already handles this conversation.")
+    if conversation.held_by_id != operator.pk and not force:
+        raise HeldByAnother(display_name(conversation.held_by))
+    if not conversation.is_active:
+        AuditEntry.objects.create(
+            operator=operator,
+            action=AuditEntry.Action.HAND_BACK,
+            agent_id=conversation.agent_id,
+            conversation=conversation,
+            outcome=AuditEntry.Outcome.CONFIRMED,
+            detail="Released locally: the conversation had ended.",
+            completed_at=timezone.now(),
+        )
+        _release(conversation)
+        transaction.on_commit(lambda: live.conversation_changed(conversation))
+        return None
+    command = _enqueue(
+        audit_action=AuditEntry.Action.HAND_BACK,
+        operator=operator,
+        conversation=conversation,
+        kind=Command.Kind.RESUME,
+        scope=Command.Scope.SESSION,
+        agent_id=conversation.agent_id,
+        session_id=conversation.session_id,
+    )
+    transaction.on_commit(lambda: live.conversation_changed(conversation))
+    return command
+
+
+@transaction.atomic
+def conversation_mark_read(*, conversation: Conversation, operator: AbstractBaseUser) -> None:
+    """The holder has seen the conversation: its unread count drops to zero."""
+    updated = Conversation.objects.filter(
+        pk=conversation.pk, held_by=operator, unread_count__gt=0
+    ).update(unread_count=0)
+    if updated:
+        conversation.unread_count = 0
+        transaction.on_commit(lambda: live.conversation_changed(conversation))
+
+
+# ---------------------------------------------------------------- contact and agent
+
+
+@transaction.atomic
+def contact_pause(*, contact_phone: str, operator: AbstractBaseUser, agent_id: str = "") -> Command:
+    """Pause the AI for every session, current and future, of one contact."""
+    _require(operator, PAUSE_WIDE_PERMISSION)
+    agent_id = agent_id or settings.PINECALL_AGENT_ID
+    return _enqueue(
+        audit_action=AuditEntry.Action.PAUSE_CONTACT,
+        operator=operator,
+        kind=Command.Kind.PAUSE,
+        scope=Command.Scope.CONTACT,
+        agent_id=agent_id,
+        contact_phone=contact_phone,
+    )
+
+
+@transaction.atomic
+def contact_resume(
+    *, contact_phone: str, operator: AbstractBaseUser, agent_id: str = ""
+) -> Command:
+    _require(operator, PAUSE_WIDE_PERMISSION)
+    agent_id = agent_id or settings.PINECALL_AGENT_ID
+    return _enqueue(
+        audit_action=AuditEntry.Action.RESUME_CONTACT,
+        operator=operator,
+        kind=Command.Kind.RESUME,
+        scope=Command.Scope.CONTACT,
+        agent_id=agent_id,
+        contact_phone=contact_phone,
+    )
+
+
+@transaction.atomic
+def agent_pause(*, operator: AbstractBaseUser, agent_id: str = "") -> Command:
+    """The kill switch: the AI stops answering everyone."""
+    _require(operator, PAUSE_WIDE_PERMISSION)
+    return _enqueue(
+        audit_action=AuditEntry.Action.PAUSE_AGENT,
+        operator=operator,
+        kind=Command.Kind.PAUSE,
+        scope=Command.Scope.AGENT,
+        agent_id=agent_id or settings.PINECALL_AGENT_ID,
+    )
+
+
+@transaction.atomic
+def agent_resume(*, operator: AbstractBaseUser, agent_id: str = "") -> Command:
+    """Switch the AI back on.
+
+    Pinecall's resume-all clears every pause level; the worker re-pauses the
+    conversations humans hold and the paused contacts right after it confirms.
+    """
+    _require(operator, PAUSE_WIDE_PERMISSION)
+    return _enqueue(
+        audit_action=AuditEntry.Action.RESUME_AGENT,
+        operator=operator,
+        kind=Command.Kind.RESUME,
+        scope=Command.Scope.AGENT,
+        agent_id=agent_id or settings.PINECALL_AGENT_ID,
+    )
+
+
+# ---------------------------------------------------------------- the outbox, for the worker
+
+
+@transaction.atomic
+def command_mark_sent(*, command: Command) -> Command:
+    """Recorded just before the frame goes out, so a crash cannot send it twice."""
+    now = timezone.now()
+    Command.objects.filter(pk=command.pk).update(
+        status=Command.Status.SENT, sent_at=now, attempts=command.attempts + 1
+    )
+    command.status, command.sent_at, command.attempts = (
+        Command.Status.SENT,
+        now,
+        command.attempts + 1,
+    )
+    return command
+
+
+def command_requeue(*, command: Command) -> None:
+    """Back to pending: for pauses and resumes whose answer was lost (safe to repeat)."""
+    Command.objects.filter(pk=command.pk, status=Command.Status.SENT).update(
+        status=Command.Status.PENDING
+    )
+
+
+@transaction.atomic
+def command_confirm(*, command: Command) -> Command:
+    """Pinecall confirmed the command: apply its effect and tell operators."""
+    command = Command.objects.select_for_update().get(pk=command.pk)
+    if command.status == Command.Status.CONFIRMED:
+        return command
+    now = timezone.now()
+    command.status = Command.Status.CONFIRMED
+    command.completed_at = now
+    command.save(update_fields=["status", "completed_at"])
+    AuditEntry.objects.filter(command=command).update(
+        outcome=AuditEntry.Outcome.CONFIRMED, completed_at=now
+    )
+    _apply_confirmed(command)
+    return command
+
+
+@transaction.atomic
+def command_fail(*, command: Command, code: str, message: str) -> Command:
+    """Pinecall refused the command, or never answered: record why and undo the claim."""
+    command = Command.objects.select_for_update().get(pk=command.pk)
+    if not command.is_open:
+        return command
+    now = timezone.now()
+    command.status = Command.Status.FAILED
+    command.error_code = code[:60]
+    command.error_message = message[:500]
+    command.completed_at = now
+    command.save(update_fields=["status", "error_code", "error_message", "completed_at"])
+    AuditEntry.objects.filter(command=command).update(
+        outcome=AuditEntry.Outcome.FAILED, completed_at=now, detail=f"{code}: {message}"[:500]
+    )
+    conversation = command.conversation
+    if command.kind == Command.Kind.SEND and command.message_id:
+        Message.objects.filter(pk=command.message_id).update(
+            status=Message.Status.FAILED, error=message[:300], status_changed_at=now
+        )
+        failed = Message.objects.get(pk=command.message_id)
+        transaction.on_commit(lambda: live.message_changed(failed))
+    elif command.kind == Command.Kind.PAUSE and conversation is not None:
+        conversation = _locked(conversation)
+        # The pause never happened: the AI still answers, so the claim is undone,
+        # unless someone else has claimed it since.
+        if conversation.held_by_id == command.operator_id and not conversation.ai_paused:
+            _release(conversation)
+        if code == "SESSION_NOT_FOUND" and conversation.is_active:
+            _end(conversation, reason="not_found")
+    if conversation is not None:
+        transaction.on_commit(lambda: live.conversation_changed(conversation))
+    transaction.on_commit(lambda: live.command_changed(command))
+    return command
+
+
+def _apply_confirmed(command: Command) -> None:
+    Kind, Scope = Command.Kind, Command.Scope
+    if command.scope == Scope.SESSION and command.conversation_id:
+        conversation = _locked(command.conversation)
+        if command.kind == Kind.PAUSE:
+            _set_session_paused(conversation, True)
+            if conversation.held_by_id == command.operator_id:
+                _note(conversation, f"{display_name(command.operator)} took over")
+        elif command.kind == Kind.RESUME:
+            _set_session_paused(conversation, False)
+        elif command.kind == Kind.SEND and command.message_id:
+            message = Message.objects.get(pk=command.message_id)
+            if message.can_move_to(Message.Status.SENT):
+                message.status = Message.Status.SENT
+                message.status_changed_at = timezone.now()
+                message.save(update_fields=["status", "status_changed_at"])
+                transaction.on_commit(lambda: live.message_changed(message))
+        transaction.on_commit(lambda: live.conversation_changed(conversation))
+    elif command.scope == Scope.CONTACT:
+        contact_pause_set(
+            agent_id=command.agent_id,
+            contact_phone=command.contact_phone,
+            paused=command.kind == Kind.PAUSE,
+            operator=command.operator,
+        )
+    elif command.scope == Scope.AGENT:
+        agent_paused_set(
+            agent_id=command.agent_id, paused=command.kind == Kind.PAUSE, operator=command.operator
+        )
+    transaction.on_commit(lambda: live.command_changed(command))
+
+
+# ---------------------------------------------------------------- pause state, whoever changed it
+
+
+@transaction.atomic
+def session_paused_set(*, session_id: str, paused: bool) -> Conversation | None:
+    """Pinecall says this session's AI is paused or resumed (by us or by anyone)."""
+    conversation = Conversation.objects.select_for_update().filter(session_id=session_id).first()
+    if conversation is None:
+        return None
+    if _set_session_paused(conversation, paused):
+        transaction.on_commit(lambda: live.conversation_changed(conversation))
+    return conversation
+
+
+def _set_session_paused(conversation: Conversation, paused: bool) -> bool:
+    """Apply a confirmed session-level pause state; True when something changed."""
+    if not paused and conversation.held_by_id is not None:
+        # A resume ends a human's hold: the AI answers again.
+        _note(conversation, "Handed back to the AI")
+        _release(conversation)
+        return True
+    if conversation.ai_paused == paused:
+        return False
+    conversation.ai_paused = paused
+    conversation.save(update_fields=["ai_paused", "updated_at"])
+    return True
+
+
+@transaction.atomic
+def contact_pause_set(
+    *, agent_id: str, contact_phone: str, paused: bool, operator=None
+) -> None:
+    if paused:
+        ContactPause.objects.get_or_create(
+            agent_id=agent_id, contact_phone=contact_phone, defaults={"paused_by": operator}
+        )
+    else:
+        ContactPause.objects.filter(agent_id=agent_id, contact_phone=contact_phone).delete()
+    conversation = (
+        Conversation.objects.filter(agent_id=agent_id, contact_phone=contact_phone)
+        .order_by("-started_at")
+        .first()
+    )
+    if conversation is not None:
+        transaction.on_commit(lambda: live.conversation_changed(conversation))
+
+
+@transaction.atomic
+def agent_paused_set(*, agent_id: str, paused: bool, operator=None) -> AgentState:
+    """The kill switch's confirmed state. A resume-all also clears contact pauses."""
+    state = AgentState.objects.select_for_update().get_or_create(agent_id=agent_id)[0]
+    state.ai_paused = paused
+    state.paused_by = operator if paused else None
+    state.paused_at = timezone.now() if paused else None
+    state.save(update_fields=["ai_paused", "paused_by", "paused_at"])
+    transaction.on_commit(lambda: live.agent_state_changed(state))
+    return state
+
+
+@transaction.atomic
+def agent_connection_set(*, agent_id: str, connected: bool) -> AgentState:
+    """The worker's link to Pinecall, shown on every page."""
+    state = AgentState.objects.select_for_update().get_or_create(agent_id=agent_id)[0]
+    changed = state.worker_connected != connected
+    state.worker_connected = connected
+    state.worker_seen_at = timezone.now()
+    state.save(update_fields=["worker_connected", "worker_seen_at"])
+    if changed:
+        transaction.on_commit(lambda: live.agent_state_changed(state))
+    return state
+
+
+# ---------------------------------------------------------------- shared by services and ingest
+
+
+def _release(conversation: Conversation) -> None:
+    conversation.holder = Conversation.Holder.AI
+    conversation.held_by = None
+    conversation.held_since = None
+    conversation.ai_paused = False
+    conversation.unread_count = 0
+    conversation.save(
+        update_fields=["holder", "held_by", "held_since", "ai_paused", "unread_count", "updated_at"]
+    )
+
+
+def _end(conversation: Conversation, *, reason: str, ended_at=None) -> None:
+    conversation.state = Conversation.State.ENDED
+    conversation.end_reason = reason
+    conversation.ended_at = ended_at or timezone.now()
+    conversation.needs_human = False
+    conversation.save(update_fields=["state", "end_reason", "ended_at", "needs_human", "updated_at"])
+    _note(conversation, f"Conversation ended ({reason.replace('_', ' ')})")
+
+
+def _touch(conversation: Conversation, message: Message) -> None:
+    """Keep the inbox's columns in step with the newest message."""
+    conversation.last_message_at = message.created_at
+    conversation.last_message_preview = message.text[:200]
+    conversation.last_message_author = message.author
+    conversation.message_count += 1
+    fields = ["last_message_at", "last_message_preview", "last_message_author", "message_count"]
+    if message.author == Message.Author.CUSTOMER:
+        conversation.last_customer_message_at = message.created_at
+        fields.append("last_customer_message_at")
+        if conversation.held_by_id is not None:
+            conversation.unread_count += 1
+            fields.append("unread_count")
+    conversation.save(update_fields=[*fields, "updated_at"])

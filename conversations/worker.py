@@ -1,0 +1,463 @@
+"""The Pinecall worker: holds the connection, stores every event, carries out the outbox.
+
+It runs in `python manage.py runworker pinecall` (its own process, production)
+or inside the one embedded process of `manage.py serve` (the demo). Either way
+it is the channel-layer consumer of the `pinecall` channel, created at start
+(not on the first message, as Channels' runworker would do), and only this
+module imports `pinecall_sdk`.
+
+Delivery rules:
+- Events: each is stored by one idempotent ingest service; one failing event is
+  logged with its frame and does not stop the others.
+- Commands: the outbox in the database is the queue. A command is marked sent
+  before its frame goes out and is never sent again after that, except pauses
+  and resumes left in flight by a crash, which are safe to repeat.
+- After every (re)registration the worker re-asserts the pauses that humans
+  hold, then drains the outbox; it also polls, so a lost wake-up only delays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections import defaultdict
+from collections.abc import Callable
+
+from asgiref.sync import sync_to_async
+from channels.consumer import AsyncConsumer
+from channels.worker import Worker
+from django.conf import settings
+from django.db import close_old_connections
+
+from conversations import ingest, services
+from conversations.live import WORKER_CHANNEL
+from conversations.models import Command, ContactPause, Conversation
+from pinecall_sdk import Pinecall, PinecallError, PinecallTimeout
+
+logger = logging.getLogger("conversations.worker")
+
+OUTBOX_POLL_SECONDS = 2.0
+OUTBOX_BATCH = 200
+
+
+def _db(func: Callable) -> Callable:
+    """Run an ORM call off the event loop, on a thread that drops stale connections."""
+
+    def call(*args, **kwargs):
+        close_old_connections()
+        return func(*args, **kwargs)
+
+    return sync_to_async(call, thread_sensitive=True)
+
+
+# ---------------------------------------------------------------- the database side, sync
+
+
+def _open_commands(limit: int) -> list[Command]:
+    return list(
+        Command.objects.filter(status=Command.Status.PENDING)
+        .select_related("conversation", "operator")
+        .order_by("id")[:limit]
+    )
+
+
+def _recover_in_flight() -> None:
+    """Commands marked sent when the last worker died: their outcome is unknown."""
+    for command in Command.objects.filter(status=Command.Status.SENT).order_by("id"):
+        if command.kind == Command.Kind.SEND:
+            # Pinecall may or may not have delivered it; never risk a double send.
+            services.command_fail(
+                command=command,
+                code="OUTCOME_UNKNOWN",
+                message="The worker stopped before Pinecall confirmed this message; "
+                "check the conversation before sending it again.",
+            )
+        else:
+            services.command_requeue(command=command)
+
+
+def _pauses_to_reassert(agent_id: str) -> tuple[list[str], list[str], bool]:
+    sessions = list(
+        Conversation.objects.filter(
+            agent_id=agent_id, state=Conversation.State.ACTIVE, held_by__isnull=False
+        ).values_list("session_id", flat=True)
+    )
+    contacts = list(
+        ContactPause.objects.filter(agent_id=agent_id).values_list("contact_phone", flat=True)
+    )
+    agent_paused = services.agent_state_get(agent_id).ai_paused
+    return sessions, contacts, agent_paused
+
+
+# ---------------------------------------------------------------- the bridge, async
+
+
+class PinecallBridge:
+    """One Pinecall connection for one agent, wired to the domain's services."""
+
+    def __init__(self, *, client: Pinecall | None = None) -> None:
+        self.agent_id = settings.PINECALL_AGENT_ID
+        self.client = client or Pinecall(
+            api_key=settings.PINECALL_API_KEY or "embedded-simulator",
+            url=settings.PINECALL_URL,
+            command_timeout=settings.PINECALL_COMMAND_TIMEOUT,
+        )
+        self.agent = self.client.agent(
+            self.agent_id,
+            language=settings.PINECALL_AGENT_LANGUAGE,
+            llm=settings.PINECALL_AGENT_LLM,
+            prompt=settings.PINECALL_AGENT_PROMPT,
+        )
+        self.agent.add_whatsapp(
+            phone_number_id=settings.WHATSAPP_PHONE_NUMBER_ID,
+            access_token=settings.WHATSAPP_ACCESS_TOKEN,
+            verify_token=settings.WHATSAPP_VERIFY_TOKEN,
+            app_secret=settings.WHATSAPP_APP_SECRET,
+        )
+        self.agent.on("*", self.on_event)
+        self.client.on("connected", self._on_connected)
+        self.client.on("disconnected", self._on_disconnected)
+        self.client.on("error", self._on_client_error)
+        self._wake = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self.fatal: PinecallError | None = None
+
+    # ---- lifecycle
+
+    async def run(self) -> None:
+        """Connect (retrying while Pinecall is unreachable) and drain the outbox until stopped."""
+        await _db(_recover_in_flight)()
+        while not self._stopping.is_set():
+            try:
+                await self.client.connect()
+                break
+            except PinecallError as error:
+                if error.code == "UNAUTHORIZED":
+                    self.fatal = error
+                    logger.error("Pinecall rejected the API key: %s", error)
+                    raise
+                logger.warning("cannot reach Pinecall yet (%s); retrying in 2 s", error)
+            except OSError as error:
+                logger.warning("cannot reach Pinecall yet (%s); retrying in 2 s", error)
+            await self._sleep(2.0)
+        while not self._stopping.is_set():
+            await self._drain_when_registered()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=OUTBOX_POLL_SECONDS)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.client.close()
+        await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=False)
+        logger.info("worker stopped")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    # ---- connection events
+
+    async def _on_connected(self, *_args) -> None:
+        logger.info("connected to Pinecall at %s", settings.PINECALL_URL)
+
+    async def _on_disconnected(self, *_args) -> None:
+        self._registered.clear()
+        logger.warning("disconnected from Pinecall")
+        await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=False)
+
+    async def _on_client_error(self, error, *_args) -> None:
+        logger.error("Pinecall client error: %s", error)
+
+    async def _on_registered(self) -> None:
+        """After every (re)registration: restore humans' pauses, then send the outbox."""
+        await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=True)
+        self._spawn(self._reassert_pauses())
+        self._registered.set()
+        self.wake()
+
+    # ---- events
+
+    async def on_event(self, event) -> None:
+        name = event.event
+        handler = self._handlers().get(name)
+        if handler is None:
+            logger.debug("event %s (not stored)", name)
+            return
+        try:
+            await handler(event)
+        except Exception:
+            # One bad event must not stop the others; its frame is in the log.
+            logger.exception("could not store %s: %r", name, getattr(event, "raw", event))
+        else:
+            logger.info(
+                "event %s session=%s", name, getattr(event, "session_id", None) or "-"
+            )
+
+    def _handlers(self) -> dict[str, Callable]:
+        return {
+            "agent.created": self._registered_event,
+            "agent.resumed": self._registered_event,
+            "whatsapp.session_started": self._session_started,
+            "whatsapp.message": self._message,
+            "whatsapp.response": self._response,
+            "whatsapp.status": self._status,
+            "whatsapp.session_ended": self._session_ended,
+            "session.paused": self._paused,
+            "session.resumed": self._resumed,
+        }
+
+    async def _registered_event(self, event) -> None:
+        await self._on_registered()
+
+    async def _session_started(self, event) -> None:
+        await _db(ingest.ingest_session_started)(
+            agent_id=event.agent_id or self.agent_id,
+            session_id=event.session_id,
+            contact_phone=event.contact_phone or "",
+            contact_name=event.contact_name or "",
+        )
+
+    async def _message(self, event) -> None:
+        await _db(ingest.ingest_customer_message)(
+            agent_id=event.agent_id or self.agent_id,
+            session_id=event.session_id,
+            contact_phone=event.from_ or "",
+            contact_name=event.name or "",
+            message_id=event.message_id,
+            type=event.type or "text",
+            text=event.text or "",
+            paused=event.paused,
+        )
+
+    async def _response(self, event) -> None:
+        await _db(ingest.ingest_response)(
+            agent_id=event.agent_id or self.agent_id,
+            session_id=event.session_id,
+            to=event.to or "",
+            text=event.text or "",
+            source=event.source,
+        )
+
+    async def _status(self, event) -> None:
+        await _db(ingest.ingest_status)(
+            message_id=event.message_id, status=event.status, recipient=event.recipient or ""
+        )
+
+    async def _session_ended(self, event) -> None:
+        await _db(ingest.ingest_session_ended)(
+            agent_id=event.agent_id or self.agent_id,
+            session_id=event.session_id,
+            contact_phone=event.contact_phone or "",
+            contact_name=event.contact_name or "",
+            reason=event.reason or "",
+            ended_at=event.raw.get("ended_at"),
+        )
+
+    async def _paused(self, event) -> None:
+        await _db(ingest.ingest_pause_state)(
+            agent_id=event.agent_id or self.agent_id,
+            paused=True,
+            session_id=event.session_id,
+            contact=event.contact,
+        )
+
+    async def _resumed(self, event) -> None:
+        await _db(ingest.ingest_pause_state)(
+            agent_id=event.agent_id or self.agent_id,
+            paused=False,
+            session_id=event.session_id,
+            contact=event.contact,
+        )
+        if not event.session_id and not event.contact:
+            # Pinecall's resume-all cleared every level, humans' holds included.
+            self._spawn(self._reassert_pauses())
+
+    # ---- commands
+
+    async def _drain_when_registered(self) -> None:
+        if not self._registered.is_set():
+            return
+        commands = await _db(_open_commands)(OUTBOX_BATCH)
+        if not commands:
+            return
+        # In order per target (take over, send, hand back of one conversation must
+        # not overtake each other); different targets go out concurrently.
+        by_target: dict[tuple, list[Command]] = defaultdict(list)
+        for command in commands:
+            by_target[(command.scope, command.session_id, command.contact_phone)].append(command)
+        for command in commands:
+            await _db(services.command_mark_sent)(command=command)
+        await asyncio.gather(*(self._run_in_order(chain) for chain in by_target.values()))
+        if len(commands) == OUTBOX_BATCH:
+            self.wake()
+
+    async def _run_in_order(self, chain: list[Command]) -> None:
+        for command in chain:
+            await self.execute(command)
+
+    async def execute(self, command: Command) -> None:
+        try:
+            await self._call_pinecall(command)
+        except PinecallTimeout as error:
+            await _db(services.command_fail)(
+                command=command, code="TIMEOUT", message=f"Pinecall did not confirm in time ({error})."
+            )
+            logger.warning("command %s %s: no confirmation", command.pk, command)
+            return
+        except PinecallError as error:
+            if error.code == "CONNECTION_LOST" and command.kind != Command.Kind.SEND:
+                # A pause or resume is safe to repeat: back in the outbox it goes.
+                await _db(services.command_requeue)(command=command)
+                logger.warning("command %s %s: connection lost, requeued", command.pk, command)
+                return
+            await _db(services.command_fail)(
+                command=command, code=error.code or "ERROR", message=str(error)
+            )
+            logger.warning("command %s %s failed: %s %s", command.pk, command, error.code, error)
+            return
+        await _db(services.command_confirm)(command=command)
+        logger.info("command %s %s confirmed", command.pk, command)
+        if command.kind == Command.Kind.RESUME and command.scope == Command.Scope.AGENT:
+            await self._reassert_pauses()
+
+    async def _call_pinecall(self, command: Command):
+        Kind, Scope = Command.Kind, Command.Scope
+        if command.kind == Kind.SEND:
+            return await self.agent.send_message(
+                session_id=command.session_id or None,
+                contact=command.contact_phone or None,
+                text=command.text,
+            )
+        action = self.agent.pause if command.kind == Kind.PAUSE else self.agent.resume
+        if command.scope == Scope.SESSION:
+            return await action(command.session_id)
+        if command.scope == Scope.CONTACT:
+            return await action(contact=command.contact_phone)
+        return await action()
+
+    async def _reassert_pauses(self) -> None:
+        """Make Pinecall's pauses match what operators hold, after a reconnect or resume-all."""
+        sessions, contacts, agent_paused = await _db(_pauses_to_reassert)(self.agent_id)
+        calls = [self.agent.pause(session_id) for session_id in sessions]
+        calls += [self.agent.pause(contact=phone) for phone in contacts]
+        if agent_paused:
+            calls.append(self.agent.pause())
+        if not calls:
+            return
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, Exception)]
+        for session_id, result in zip(sessions, results):
+            if isinstance(result, PinecallError) and result.code == "SESSION_NOT_FOUND":
+                await _db(ingest.ingest_session_ended)(
+                    agent_id=self.agent_id, session_id=session_id, reason="not_found"
+                )
+        logger.info(
+            "re-asserted %d session, %d contact pauses%s (%d failed)",
+            len(sessions),
+            len(contacts),
+            " and the kill switch" if agent_paused else "",
+            len(failures),
+        )
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+# ---------------------------------------------------------------- Channels glue
+
+
+class PinecallWorkerConsumer(AsyncConsumer):
+    """The `pinecall` channel's consumer: starts the bridge, relays wake-ups."""
+
+    bridge: PinecallBridge | None = None
+
+    async def worker_start(self, message) -> None:
+        self.bridge = PinecallBridge()
+        self._run = asyncio.ensure_future(self.bridge.run())
+        self._run.add_done_callback(_exit_on_fatal)
+
+    async def worker_stop(self, message) -> None:
+        if self.bridge is not None:
+            await self.bridge.stop()
+
+    async def outbox_wake(self, message) -> None:
+        if self.bridge is not None:
+            self.bridge.wake()
+
+
+class WorkerFailed:
+    """Set when the bridge stops for good (a rejected key): the command exits non-zero."""
+
+    error: BaseException | None = None
+
+
+def _exit_on_fatal(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        WorkerFailed.error = task.exception()
+        logger.error("the Pinecall bridge stopped: %s", task.exception())
+        # A rejected key is not retried: the process exits and its manager shows why.
+        signal.raise_signal(signal.SIGTERM)
+
+
+class EagerWorker(Worker):
+    """Channels' worker, with the Pinecall consumer started at once and kept alive.
+
+    - Channels creates a channel's consumer when its first message arrives; ours
+      must connect to Pinecall at start, so it is created (and told to start) here.
+    - A channel-layer error (Redis restarting) is retried, not fatal: the outbox
+      poll keeps commands moving meanwhile.
+    - SIGTERM and SIGINT stop the bridge cleanly.
+    """
+
+    install_signal_handlers = True  # off when embedded in Daphne, whose reactor owns signals
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def handle(self) -> None:
+        self._stop = asyncio.Event()
+        queue = self.get_or_create_application_instance(
+            WORKER_CHANNEL, {"type": "channel", "channel": WORKER_CHANNEL}
+        )
+        await queue.put({"type": "worker.start"})
+        if self.install_signal_handlers:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+        listeners = [asyncio.ensure_future(self.listener(channel)) for channel in self.channels]
+        await self._stop.wait()
+        logger.info("stopping the worker")
+        await queue.put({"type": "worker.stop"})
+        await asyncio.sleep(0.5)  # let the consumer close the Pinecall socket
+        for listener in listeners:
+            listener.cancel()
+
+    async def listener(self, channel: str) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await super().listener(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                logger.warning("channel layer unavailable (%s); retrying in %.1f s", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            else:
+                delay = 0.5

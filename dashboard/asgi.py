@@ -1,0 +1,28 @@
+"""ASGI entry point: HTTP and operators' WebSockets (Daphne), and the worker's channel."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
+# Django must be set up before anything imports models.
+django_asgi_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from conversations.live import WORKER_CHANNEL  # noqa: E402
+from conversations.worker import PinecallWorkerConsumer  # noqa: E402
+from dashboard.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        # Cross-origin sockets are refused before the session is even read.
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+        ),
+        "channel": ChannelNameRouter({WORKER_CHANNEL: PinecallWorkerConsumer.as_asgi()}),
+    }
+)
