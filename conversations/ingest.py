@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -21,7 +21,13 @@ from django.utils.dateparse import parse_datetime
 
 from conversations import live
 from conversations.models import Conversation, Message
-from conversations.services import _end, _touch, session_paused_set
+from conversations.services import (
+    _end,
+    _touch,
+    agent_paused_set,
+    contact_pause_set,
+    session_paused_set,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +82,7 @@ def ingest_session_started(
         if not changed:
             return conversation
         conversation.save(update_fields=[*changed, "updated_at"])
-    transaction.on_commit(lambda: live.conversation_changed(conversation))
+    live.after_commit(live.conversation_changed, conversation)
     return conversation
 
 
@@ -122,7 +128,7 @@ def ingest_customer_message(
     _touch(conversation, message)
     if conversation.needs_human:
         Conversation.objects.filter(pk=conversation.pk).update(needs_human=True)
-    transaction.on_commit(lambda: live.message_added(message))
+    live.after_commit(live.message_added, message)
     return message
 
 
@@ -166,7 +172,7 @@ def ingest_response(
         status_changed_at=now,
     )
     _touch(conversation, message)
-    transaction.on_commit(lambda: live.message_added(message))
+    live.after_commit(live.message_added, message)
     return message
 
 
@@ -204,7 +210,7 @@ def ingest_status(*, message_id: str, status: str, recipient: str = "") -> Messa
     message.status = status
     message.status_changed_at = timezone.now()
     message.save(update_fields=["status", "status_changed_at"])
-    transaction.on_commit(lambda: live.message_changed(message))
+    live.after_commit(live.message_changed, message)
     return message
 
 
@@ -216,7 +222,7 @@ def ingest_session_ended(
     contact_phone: str = "",
     contact_name: str = "",
     reason: str = "",
-    ended_at: str | datetime | None = None,
+    ended_at: str | float | datetime | None = None,
 ) -> Conversation:
     conversation, _ = _conversation_for(
         session_id=session_id,
@@ -227,8 +233,10 @@ def ingest_session_ended(
     if conversation.is_active:
         if isinstance(ended_at, str):
             ended_at = parse_datetime(ended_at)
+        elif isinstance(ended_at, (int, float)):
+            ended_at = datetime.fromtimestamp(ended_at, tz=UTC)
         _end(conversation, reason=reason or "ended", ended_at=ended_at)
-        transaction.on_commit(lambda: live.conversation_changed(conversation))
+        live.after_commit(live.conversation_changed, conversation)
     return conversation
 
 
@@ -236,8 +244,6 @@ def ingest_pause_state(
     *, agent_id: str, paused: bool, session_id: str | None = None, contact: str | None = None
 ) -> None:
     """`session.paused` / `session.resumed`: state, whoever changed it."""
-    from conversations.services import agent_paused_set, contact_pause_set
-
     if session_id:
         session_paused_set(session_id=session_id, paused=paused)
     elif contact:

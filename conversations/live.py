@@ -12,12 +12,22 @@ import logging
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.db import transaction
 from django.template.loader import render_to_string
 
 logger = logging.getLogger(__name__)
 
 OPERATORS_GROUP = "operators"  # every logged-in operator's socket: inbox rows, agent state
 WORKER_CHANNEL = "pinecall"  # the worker's channel (`manage.py runworker pinecall`)
+
+
+def after_commit(notify, *args) -> None:
+    """Call `notify(*args)` once the current transaction commits.
+
+    Nobody hears of a row that was rolled back, and a failure to notify is
+    logged, never raised into the write that succeeded.
+    """
+    transaction.on_commit(lambda: notify(*args), robust=True)
 
 
 def conversation_group(conversation_id: int) -> str:

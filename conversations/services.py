@@ -76,7 +76,7 @@ def _enqueue(*, audit_action: str, operator, conversation=None, **command_fields
         contact_phone=command.contact_phone,
         command=command,
     )
-    transaction.on_commit(live.wake_worker)
+    live.after_commit(live.wake_worker)
     return command
 
 
@@ -88,7 +88,7 @@ def _note(conversation: Conversation, text: str) -> Message:
         author=Message.Author.SYSTEM,
         text=text,
     )
-    transaction.on_commit(lambda: live.message_added(note))
+    live.after_commit(live.message_added, note)
     return note
 
 
@@ -148,7 +148,7 @@ def conversation_take_over(
     )
     if holder is not None and holder.pk != operator.pk:
         _note(conversation, f"{display_name(operator)} took over from {display_name(holder)}")
-    transaction.on_commit(lambda: live.conversation_changed(conversation))
+    live.after_commit(live.conversation_changed, conversation)
     return command
 
 
@@ -200,7 +200,7 @@ def conversation_send(
         text=text,
     )
     _touch(conversation, message)
-    transaction.on_commit(lambda: live.message_added(message))
+    live.after_commit(live.message_added, message)
     return message
 
 
@@ -229,7 +229,7 @@ def conversation_hand_back(
             completed_at=timezone.now(),
         )
         _release(conversation)
-        transaction.on_commit(lambda: live.conversation_changed(conversation))
+        live.after_commit(live.conversation_changed, conversation)
         return None
     command = _enqueue(
         audit_action=AuditEntry.Action.HAND_BACK,
@@ -240,7 +240,7 @@ def conversation_hand_back(
         agent_id=conversation.agent_id,
         session_id=conversation.session_id,
     )
-    transaction.on_commit(lambda: live.conversation_changed(conversation))
+    live.after_commit(live.conversation_changed, conversation)
     return command
 
 
@@ -252,7 +252,7 @@ def conversation_mark_read(*, conversation: Conversation, operator: AbstractBase
     ).update(unread_count=0)
     if updated:
         conversation.unread_count = 0
-        transaction.on_commit(lambda: live.conversation_changed(conversation))
+        live.after_commit(live.conversation_changed, conversation)
 
 
 # ---------------------------------------------------------------- contact and agent
@@ -382,7 +382,7 @@ def command_fail(*, command: Command, code: str, message: str) -> Command:
             status=Message.Status.FAILED, error=message[:300], status_changed_at=now
         )
         failed = Message.objects.get(pk=command.message_id)
-        transaction.on_commit(lambda: live.message_changed(failed))
+        live.after_commit(live.message_changed, failed)
     elif command.kind == Command.Kind.PAUSE and conversation is not None:
         conversation = _locked(conversation)
         # The pause never happened: the AI still answers, so the claim is undone,
@@ -392,8 +392,8 @@ def command_fail(*, command: Command, code: str, message: str) -> Command:
         if code == "SESSION_NOT_FOUND" and conversation.is_active:
             _end(conversation, reason="not_found")
     if conversation is not None:
-        transaction.on_commit(lambda: live.conversation_changed(conversation))
-    transaction.on_commit(lambda: live.command_changed(command))
+        live.after_commit(live.conversation_changed, conversation)
+    live.after_commit(live.command_changed, command)
     return command
 
 
@@ -413,8 +413,8 @@ def _apply_confirmed(command: Command) -> None:
                 message.status = Message.Status.SENT
                 message.status_changed_at = timezone.now()
                 message.save(update_fields=["status", "status_changed_at"])
-                transaction.on_commit(lambda: live.message_changed(message))
-        transaction.on_commit(lambda: live.conversation_changed(conversation))
+                live.after_commit(live.message_changed, message)
+        live.after_commit(live.conversation_changed, conversation)
     elif command.scope == Scope.CONTACT:
         contact_pause_set(
             agent_id=command.agent_id,
@@ -426,7 +426,7 @@ def _apply_confirmed(command: Command) -> None:
         agent_paused_set(
             agent_id=command.agent_id, paused=command.kind == Kind.PAUSE, operator=command.operator
         )
-    transaction.on_commit(lambda: live.command_changed(command))
+    live.after_commit(live.command_changed, command)
 
 
 # ---------------------------------------------------------------- pause state, whoever changed it
@@ -439,7 +439,7 @@ def session_paused_set(*, session_id: str, paused: bool) -> Conversation | None:
     if conversation is None:
         return None
     if _set_session_paused(conversation, paused):
-        transaction.on_commit(lambda: live.conversation_changed(conversation))
+        live.after_commit(live.conversation_changed, conversation)
     return conversation
 
 
@@ -473,7 +473,7 @@ def contact_pause_set(
         .first()
     )
     if conversation is not None:
-        transaction.on_commit(lambda: live.conversation_changed(conversation))
+        live.after_commit(live.conversation_changed, conversation)
 
 
 @transaction.atomic
@@ -484,7 +484,7 @@ def agent_paused_set(*, agent_id: str, paused: bool, operator=None) -> AgentStat
     state.paused_by = operator if paused else None
     state.paused_at = timezone.now() if paused else None
     state.save(update_fields=["ai_paused", "paused_by", "paused_at"])
-    transaction.on_commit(lambda: live.agent_state_changed(state))
+    live.after_commit(live.agent_state_changed, state)
     return state
 
 
@@ -497,7 +497,7 @@ def agent_connection_set(*, agent_id: str, connected: bool) -> AgentState:
     state.worker_seen_at = timezone.now()
     state.save(update_fields=["worker_connected", "worker_seen_at"])
     if changed:
-        transaction.on_commit(lambda: live.agent_state_changed(state))
+        live.after_commit(live.agent_state_changed, state)
     return state
 
 

@@ -264,7 +264,7 @@ class PinecallBridge:
             contact_phone=event.contact_phone or "",
             contact_name=event.contact_name or "",
             reason=event.reason or "",
-            ended_at=event.raw.get("ended_at"),
+            ended_at=event.ended_at,
         )
 
     async def _paused(self, event) -> None:

@@ -1,0 +1,223 @@
+"""Django admin: everything visible, conversations steerable through the same services."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+
+from conversations import services
+from conversations.models import (
+    AgentState,
+    AuditEntry,
+    Command,
+    ContactPause,
+    Conversation,
+    Message,
+)
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class MessageInline(ReadOnlyInline):
+    model = Message
+    fields = ["created_at", "author", "operator", "type", "text", "status", "message_id"]
+    readonly_fields = fields
+    ordering = ["id"]
+
+
+class CommandInline(ReadOnlyInline):
+    model = Command
+    fields = ["created_at", "kind", "operator", "status", "error_code", "error_message"]
+    readonly_fields = fields
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = [
+        "contact_name",
+        "contact_phone",
+        "state",
+        "holder",
+        "held_by",
+        "ai_paused",
+        "needs_human",
+        "message_count",
+        "last_message_at",
+        "agent_id",
+    ]
+    list_filter = ["state", "holder", "ai_paused", "needs_human", "agent_id", "held_by"]
+    search_fields = ["contact_phone", "contact_name", "session_id", "messages__text"]
+    list_select_related = ["held_by"]
+    date_hierarchy = "started_at"
+    readonly_fields = [
+        field.name for field in Conversation._meta.fields if field.name not in ("id",)
+    ]
+    inlines = [MessageInline, CommandInline]
+    actions = ["take_over", "hand_back"]
+    show_full_result_count = False  # COUNT(*) over a big join is the slow part of search
+
+    def get_search_results(self, request, queryset, search_term):
+        queryset, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        return queryset.distinct() if may_have_duplicates else queryset, False
+
+    def has_add_permission(self, request):
+        return False  # conversations come from Pinecall
+
+    @admin.action(description="Take over (pause the AI) for the selected conversations")
+    def take_over(self, request, queryset):
+        self._each(request, queryset, services.conversation_take_over, "taken over")
+
+    @admin.action(description="Hand back to the AI")
+    def hand_back(self, request, queryset):
+        self._each(
+            request,
+            queryset,
+            lambda **kw: services.conversation_hand_back(force=True, **kw),
+            "handed back",
+        )
+
+    def _each(self, request, queryset, service, done: str) -> None:
+        succeeded = 0
+        for conversation in queryset:
+            try:
+                service(conversation=conversation, operator=request.user)
+            except (services.ActionRefused, PermissionDenied) as refusal:
+                self.message_user(request, f"{conversation}: {refusal}", messages.WARNING)
+            else:
+                succeeded += 1
+        if succeeded:
+            self.message_user(
+                request,
+                f"{succeeded} conversation(s) {done}; Pinecall's confirmation follows.",
+                messages.SUCCESS,
+            )
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "conversation", "author", "type", "short_text", "status"]
+    list_filter = ["author", "direction", "type", "status"]
+    search_fields = ["text", "message_id", "conversation__contact_phone"]
+    list_select_related = ["conversation"]
+    raw_id_fields = ["conversation", "operator"]
+    show_full_result_count = False
+
+    @admin.display(description="text")
+    def short_text(self, message: Message) -> str:
+        return message.text[:80]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Command)
+class CommandAdmin(admin.ModelAdmin):
+    list_display = [
+        "id",
+        "created_at",
+        "kind",
+        "scope",
+        "session_id",
+        "contact_phone",
+        "operator",
+        "status",
+        "error_code",
+        "attempts",
+    ]
+    list_filter = ["status", "kind", "scope", "agent_id"]
+    search_fields = ["session_id", "contact_phone", "text"]
+    list_select_related = ["operator"]
+    raw_id_fields = ["conversation", "message", "operator"]
+
+    def has_add_permission(self, request):
+        return False  # intents are created through services, with their audit
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "operator", "action", "conversation", "contact_phone", "outcome"]
+    list_filter = ["action", "outcome", "operator", "agent_id"]
+    search_fields = ["contact_phone", "conversation__contact_name", "detail"]
+    list_select_related = ["operator", "conversation"]
+    raw_id_fields = ["conversation", "command", "operator"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # the trail is kept
+
+
+@admin.register(ContactPause)
+class ContactPauseAdmin(admin.ModelAdmin):
+    list_display = ["contact_phone", "agent_id", "paused_by", "paused_at"]
+    list_filter = ["agent_id"]
+    search_fields = ["contact_phone"]
+    actions = ["resume_contacts"]
+
+    def has_add_permission(self, request):
+        return False  # pause from the dashboard, so Pinecall is told
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # resume with the action, so Pinecall is told
+
+    @admin.action(description="Resume the AI for the selected contacts")
+    def resume_contacts(self, request, queryset):
+        for pause in queryset:
+            try:
+                services.contact_resume(
+                    contact_phone=pause.contact_phone, agent_id=pause.agent_id, operator=request.user
+                )
+            except PermissionDenied as refusal:
+                self.message_user(request, str(refusal), messages.WARNING)
+                return
+        self.message_user(request, "Resume requested; Pinecall's confirmation follows.")
+
+
+@admin.register(AgentState)
+class AgentStateAdmin(admin.ModelAdmin):
+    list_display = ["agent_id", "ai_paused", "paused_by", "worker_connected", "worker_seen_at"]
+    readonly_fields = ["agent_id", "ai_paused", "paused_by", "paused_at", "worker_connected", "worker_seen_at"]
+    actions = ["kill_switch_on", "kill_switch_off"]
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.action(description="Kill switch: pause the AI for the whole agent")
+    def kill_switch_on(self, request, queryset):
+        self._each(request, queryset, services.agent_pause)
+
+    @admin.action(description="Switch the AI back on")
+    def kill_switch_off(self, request, queryset):
+        self._each(request, queryset, services.agent_resume)
+
+    def _each(self, request, queryset, service) -> None:
+        for state in queryset:
+            try:
+                service(operator=request.user, agent_id=state.agent_id)
+            except PermissionDenied as refusal:
+                self.message_user(request, str(refusal), messages.WARNING)
+                return
+        self.message_user(request, "Requested; Pinecall's confirmation follows.")

@@ -1,0 +1,54 @@
+import itertools
+
+import pytest
+from django.contrib.auth.models import Group, User
+
+from conversations.models import Conversation
+
+_phones = itertools.count(34600000001)
+
+
+def make_user(username: str, *roles: str) -> User:
+    user = User.objects.create_user(username=username, password="pw", first_name=username.title())
+    user.groups.add(*Group.objects.filter(name__in=roles))
+    return User.objects.get(pk=user.pk)  # fresh: no stale permission cache
+
+
+@pytest.fixture
+def operator(db):
+    return make_user("ana", "Operators")
+
+
+@pytest.fixture
+def other_operator(db):
+    return make_user("bruno", "Operators")
+
+
+@pytest.fixture
+def viewer(db):
+    return make_user("vera", "Viewers")
+
+
+@pytest.fixture
+def supervisor(db):
+    return make_user("sofia", "Supervisors")
+
+
+@pytest.fixture
+def make_conversation(db):
+    from django.utils import timezone
+
+    def make(**fields) -> Conversation:
+        phone = str(next(_phones))
+        defaults = {
+            "session_id": f"wa-{phone[-12:]:0>12}",
+            "agent_id": "support",
+            "contact_phone": phone,
+            "contact_name": "Ana Customer",
+            "last_customer_message_at": timezone.now(),
+            "last_message_at": timezone.now(),
+        }
+        defaults.update(fields)
+        return Conversation.objects.create(**defaults)
+
+    return make

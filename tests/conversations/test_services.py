@@ -1,0 +1,187 @@
+"""Operators' actions: stored (outbox + audit) before they are attempted; outcomes applied."""
+
+import pytest
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.utils import timezone
+
+from conversations import services
+from conversations.models import AgentState, AuditEntry, Command, ContactPause, Message
+
+pytestmark = pytest.mark.django_db
+
+
+def test_take_over_claims_and_queues_a_pause(operator, make_conversation):
+    conversation = make_conversation()
+    command = services.conversation_take_over(conversation=conversation, operator=operator)
+    conversation.refresh_from_db()
+    assert conversation.held_by == operator and conversation.holder == "human"
+    assert not conversation.ai_paused  # not until Pinecall confirms
+    assert (command.kind, command.scope, command.session_id, command.status) == (
+        "pause",
+        "session",
+        conversation.session_id,
+        "pending",
+    )
+    audit = AuditEntry.objects.get()
+    assert (audit.action, audit.operator, audit.outcome) == ("take_over", operator, "pending")
+
+
+def test_confirmation_marks_paused_with_a_divider(operator, make_conversation):
+    conversation = make_conversation()
+    command = services.conversation_take_over(conversation=conversation, operator=operator)
+    services.command_confirm(command=command)
+    conversation.refresh_from_db()
+    assert conversation.ai_paused
+    assert conversation.messages.get(direction="note").text == "Ana took over"
+    assert AuditEntry.objects.get().outcome == "confirmed"
+
+
+def test_first_operator_holds_and_the_second_must_force(operator, other_operator, make_conversation):
+    conversation = make_conversation()
+    services.conversation_take_over(conversation=conversation, operator=operator)
+    with pytest.raises(services.HeldByAnother, match="Ana holds"):
+        services.conversation_take_over(conversation=conversation, operator=other_operator)
+    with pytest.raises(services.HeldByAnother):
+        services.conversation_send(conversation=conversation, operator=other_operator, text="hi")
+    services.conversation_take_over(conversation=conversation, operator=other_operator, force=True)
+    conversation.refresh_from_db()
+    assert conversation.held_by == other_operator
+
+
+def test_viewers_cannot_act(viewer, make_conversation):
+    conversation = make_conversation()
+    with pytest.raises(PermissionDenied):
+        services.conversation_take_over(conversation=conversation, operator=viewer)
+    with pytest.raises(PermissionDenied):
+        services.agent_pause(operator=viewer)
+    assert not Command.objects.exists()
+
+
+def test_operators_cannot_pause_contacts_or_the_agent(operator, supervisor):
+    with pytest.raises(PermissionDenied):
+        services.contact_pause(contact_phone="346", operator=operator)
+    command = services.contact_pause(contact_phone="346", operator=supervisor)
+    services.command_confirm(command=command)
+    assert ContactPause.objects.filter(contact_phone="346", paused_by=supervisor).exists()
+    command = services.contact_resume(contact_phone="346", operator=supervisor)
+    services.command_confirm(command=command)
+    assert not ContactPause.objects.exists()
+
+
+def test_kill_switch(supervisor):
+    services.command_confirm(command=services.agent_pause(operator=supervisor))
+    assert AgentState.objects.get(agent_id="support").ai_paused
+    services.command_confirm(command=services.agent_resume(operator=supervisor))
+    assert not AgentState.objects.get(agent_id="support").ai_paused
+
+
+def test_ended_conversation_refuses_take_over_clearly(operator, make_conversation):
+    conversation = make_conversation(state="ended")
+    with pytest.raises(services.ActionRefused, match="ended"):
+        services.conversation_take_over(conversation=conversation, operator=operator)
+
+
+def test_send_needs_the_hold_text_and_an_open_window(operator, make_conversation):
+    conversation = make_conversation()
+    with pytest.raises(services.ActionRefused, match="Take over"):
+        services.conversation_send(conversation=conversation, operator=operator, text="hi")
+    services.conversation_take_over(conversation=conversation, operator=operator)
+    with pytest.raises(ValidationError):
+        services.conversation_send(conversation=conversation, operator=operator, text="   ")
+    with pytest.raises(ValidationError, match="4096"):
+        services.conversation_send(conversation=conversation, operator=operator, text="x" * 4097)
+    type(conversation).objects.filter(pk=conversation.pk).update(
+        last_customer_message_at=timezone.now() - timezone.timedelta(hours=25)
+    )
+    with pytest.raises(services.ActionRefused, match="24-hour"):
+        services.conversation_send(conversation=conversation, operator=operator, text="hi")
+    assert not Message.objects.exists()
+
+
+def test_send_is_pending_then_confirmed(operator, make_conversation):
+    conversation = make_conversation()
+    services.conversation_take_over(conversation=conversation, operator=operator)
+    message = services.conversation_send(conversation=conversation, operator=operator, text=" Hello ")
+    assert (message.text, message.status, message.author, message.operator) == (
+        "Hello",
+        "pending",
+        "human",
+        operator,
+    )
+    services.command_confirm(command=message.command)
+    message.refresh_from_db()
+    assert message.status == "sent"
+
+
+def test_failed_send_says_why(operator, make_conversation):
+    conversation = make_conversation()
+    services.conversation_take_over(conversation=conversation, operator=operator)
+    message = services.conversation_send(conversation=conversation, operator=operator, text="Hello")
+    services.command_fail(command=message.command, code="SESSION_NOT_FOUND", message="Session ended")
+    message.refresh_from_db()
+    assert (message.status, message.error) == ("failed", "Session ended")
+    assert AuditEntry.objects.get(action="send").outcome == "failed"
+
+
+def test_failed_take_over_undoes_the_claim(operator, make_conversation):
+    conversation = make_conversation()
+    command = services.conversation_take_over(conversation=conversation, operator=operator)
+    services.command_fail(command=command, code="TIMEOUT", message="no answer")
+    conversation.refresh_from_db()
+    assert conversation.held_by is None and conversation.holder == "ai"
+
+
+def test_hand_back_keeps_the_holder_until_confirmed(operator, make_conversation):
+    conversation = make_conversation()
+    services.command_confirm(
+        command=services.conversation_take_over(conversation=conversation, operator=operator)
+    )
+    command = services.conversation_hand_back(conversation=conversation, operator=operator)
+    conversation.refresh_from_db()
+    assert conversation.held_by == operator
+    services.command_confirm(command=command)
+    conversation.refresh_from_db()
+    assert (conversation.held_by, conversation.holder, conversation.ai_paused) == (None, "ai", False)
+    assert conversation.messages.filter(direction="note").last().text == "Handed back to the AI"
+
+
+def test_hand_back_of_an_ended_conversation_releases_at_once(operator, make_conversation):
+    conversation = make_conversation()
+    services.conversation_take_over(conversation=conversation, operator=operator)
+    type(conversation).objects.filter(pk=conversation.pk).update(state="ended")
+    assert services.conversation_hand_back(conversation=conversation, operator=operator) is None
+    conversation.refresh_from_db()
+    assert conversation.held_by is None
+
+
+def test_unread_counts_customer_messages_while_held_and_resets_on_read(operator, make_conversation):
+    from conversations import ingest
+
+    conversation = make_conversation()
+    services.conversation_take_over(conversation=conversation, operator=operator)
+    for n in range(3):
+        ingest.ingest_customer_message(
+            agent_id="support",
+            session_id=conversation.session_id,
+            contact_phone=conversation.contact_phone,
+            message_id=f"m{n}",
+            text="hello?",
+            paused=True,
+        )
+    conversation.refresh_from_db()
+    assert conversation.unread_count == 3
+    assert not conversation.needs_human  # someone holds it
+    services.conversation_mark_read(conversation=conversation, operator=operator)
+    conversation.refresh_from_db()
+    assert conversation.unread_count == 0
+
+
+def test_confirming_twice_changes_nothing(operator, make_conversation):
+    conversation = make_conversation()
+    command = services.conversation_take_over(conversation=conversation, operator=operator)
+    services.command_confirm(command=command)
+    services.command_confirm(command=command)
+    services.command_fail(command=command, code="X", message="late")
+    command.refresh_from_db()
+    assert command.status == "confirmed"
+    assert conversation.messages.filter(direction="note").count() == 1
