@@ -2,27 +2,44 @@
 
 Services call these from `transaction.on_commit`. Fragments are rendered here,
 once per change, by the same templates the pages include; consumers only
-forward `event["html"]`. The channel layer delivers at most once: a browser that
-reconnects asks for what it missed (see `dashboard.consumers`).
+forward `event["html"]`. Each fragment is htmx out-of-band HTML that the
+browser's WebSocket extension swaps in.
+
+Fragments are rendered once for every operator, so they carry nothing
+per-user: where a user's view differs (their buttons, "You hold this"), the
+fragment carries a small element that makes each browser fetch its own state
+(`hx-trigger="load"`) from a view rendered by the same partials the page uses.
+
+The channel layer delivers at most once: a browser that (re)connects asks for
+what it missed, and `catch_up()` renders it (see `dashboard.consumers`).
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
 from django.template.loader import render_to_string
+from django.utils import timezone
 
 logger = logging.getLogger(__name__)
 
 OPERATORS_GROUP = "operators"  # every logged-in operator's socket: inbox rows, agent state
 WORKER_CHANNEL = "pinecall"  # the worker's channel (`manage.py runworker pinecall`)
 
+# A row saved just before a page's render may commit just after it: catch-up looks
+# back this much further than the page says it knows.
+CATCH_UP_MARGIN = timedelta(seconds=2)
+# Below this gap since the page's render, a (re)connect only sends newer messages.
+QUIET_RECONNECT = timedelta(seconds=10)
+
 
 def after_commit(notify, *args) -> None:
-    """Call `notify(*args)` once the current transaction commits.
+    """Call `notify(*args)` once the current transaction commits (services use this).
 
     Nobody hears of a row that was rolled back, and a failure to notify is
     logged, never raised into the write that succeeded.
@@ -46,28 +63,20 @@ def _send_html(group: str, html: str) -> None:
 
 def message_added(message) -> None:
     """A new line in a conversation, and its inbox row moving to the top."""
-    _send_html(
-        conversation_group(message.conversation_id),
-        render_to_string("conversations/_message_live.html", {"message": message, "new": True}),
-    )
-    _send_inbox_row(message.conversation)
+    _send_html(conversation_group(message.conversation_id), render_message(message, new=True))
+    if message.direction != "note":
+        _send_inbox_row(message.conversation)
 
 
 def message_changed(message) -> None:
     """A delivery tick moved, or a human send was confirmed or failed."""
-    _send_html(
-        conversation_group(message.conversation_id),
-        render_to_string("conversations/_message_live.html", {"message": message, "new": False}),
-    )
+    _send_html(conversation_group(message.conversation_id), render_message(message, new=False))
 
 
 def conversation_changed(conversation) -> None:
     """Who holds it, whether it is paused or ended: its header and its inbox row."""
     conversation.refresh_from_db()
-    _send_html(
-        conversation_group(conversation.pk),
-        render_to_string("conversations/_conversation_live.html", {"conversation": conversation}),
-    )
+    _send_html(conversation_group(conversation.pk), render_conversation(conversation))
     _send_inbox_row(conversation)
 
 
@@ -81,17 +90,11 @@ def command_changed(command) -> None:
 
 def agent_state_changed(state) -> None:
     """The kill switch or the worker's link changed: every page shows it."""
-    _send_html(
-        OPERATORS_GROUP,
-        render_to_string("conversations/_agent_state.html", {"agent_state": state, "oob": True}),
-    )
+    _send_html(OPERATORS_GROUP, render_agent_state(state))
 
 
 def _send_inbox_row(conversation) -> None:
-    _send_html(
-        OPERATORS_GROUP,
-        render_to_string("conversations/_inbox_row_live.html", {"conversation": conversation}),
-    )
+    _send_html(OPERATORS_GROUP, render_inbox_row(conversation))
 
 
 def wake_worker() -> None:
@@ -103,3 +106,102 @@ def wake_worker() -> None:
         async_to_sync(layer.send)(WORKER_CHANNEL, {"type": "outbox.wake"})
     except Exception:
         logger.warning("could not wake the worker; it will find the command on its next poll")
+
+
+# ---------------------------------------------------------------- rendering, shared with catch-up
+
+
+def render_message(message, *, new: bool) -> str:
+    return render_to_string("conversations/_message_live.html", {"message": message, "new": new})
+
+
+def render_conversation(conversation) -> str:
+    return render_to_string("conversations/_conversation_live.html", {"conversation": conversation})
+
+
+def render_inbox_row(conversation) -> str:
+    return render_to_string("conversations/_inbox_row_live.html", {"conversation": conversation})
+
+
+def render_agent_state(state) -> str:
+    return render_to_string(
+        "conversations/_agent_state.html", {"agent_state": state, "oob": True}
+    )
+
+
+def render_cursor(now: datetime) -> str:
+    """The page's catch-up position, read by app.js when the socket reconnects."""
+    return render_to_string("conversations/_live_cursor.html", {"since": now.timestamp()})
+
+
+def catch_up(
+    *, conversation_id: int | None = None, after: int | None = None, since: float | None = None
+) -> list[str]:
+    """Everything a page missed, as the fragments the live stream would have sent.
+
+    `after`: the newest message id the page shows (of `conversation_id`);
+    `since`: the server time (epoch seconds) the page's state dates from, as
+    rendered in the page or in the last catch-up's cursor. Ends with a new cursor.
+    """
+    from conversations import selectors
+    from conversations.models import Conversation
+
+    now = timezone.now()
+    since_at = None
+    if since is not None:
+        try:
+            since_at = datetime.fromtimestamp(since, tz=UTC) - CATCH_UP_MARGIN
+        except (OverflowError, OSError, ValueError):
+            since_at = None
+    # A quiet (re)connect right after the page rendered: the page is up to date
+    # but for messages, which are cheap to check.
+    gap = since_at is None or now - since_at > QUIET_RECONNECT
+    out: list[str] = []
+
+    if conversation_id:
+        conversation = Conversation.objects.filter(pk=conversation_id).first()
+        if conversation is not None:
+            limit = settings.CONVERSATION_PAGE_SIZE
+            if after is not None:
+                newer = selectors.messages_after(
+                    conversation_id=conversation_id, after=after, limit=limit + 1
+                )
+                if len(newer) > limit:
+                    # Too much missed: the newest page replaces the list, as on a reload.
+                    messages, has_earlier = selectors.conversation_messages(
+                        conversation_id=conversation_id
+                    )
+                    out.append(
+                        render_to_string(
+                            "conversations/_messages.html",
+                            {
+                                "conversation": conversation,
+                                "messages": messages,
+                                "has_earlier": has_earlier,
+                                "oob": True,
+                            },
+                        )
+                    )
+                else:
+                    out.extend(render_message(m, new=True) for m in newer)
+                    if since_at is not None and gap:
+                        changed = selectors.messages_changed_since(
+                            conversation_id=conversation_id, since=since_at, upto=after, limit=limit
+                        )
+                        out.extend(render_message(m, new=False) for m in changed)
+            if gap or conversation.updated_at >= since_at:
+                out.append(render_conversation(conversation))
+
+    if since_at is not None and gap:
+        page = settings.INBOX_PAGE_SIZE
+        rows = selectors.conversations_changed_since(since_at, limit=page + 1)
+        if len(rows) > page:
+            out.append(render_to_string("conversations/_inbox_refresh.html", {}))
+        else:
+            out.extend(render_inbox_row(row) for row in rows)
+    if gap:
+        out.append(
+            render_agent_state(selectors.agent_state_for_display(settings.PINECALL_AGENT_ID))
+        )
+    out.append(render_cursor(now))
+    return out

@@ -79,8 +79,12 @@ def _recover_in_flight() -> None:
 
 def _pauses_to_reassert(agent_id: str) -> tuple[list[str], list[str], bool]:
     sessions = list(
+        # Confirmed holds only: a claim still pending is carried by its own command.
         Conversation.objects.filter(
-            agent_id=agent_id, state=Conversation.State.ACTIVE, held_by__isnull=False
+            agent_id=agent_id,
+            state=Conversation.State.ACTIVE,
+            held_by__isnull=False,
+            ai_paused=True,
         ).values_list("session_id", flat=True)
     )
     contacts = list(

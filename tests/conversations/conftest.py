@@ -1,16 +1,28 @@
 import itertools
 
 import pytest
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import Permission, User
 
 from conversations.models import Conversation
 
 _phones = itertools.count(34600000001)
 
 
-def make_user(username: str, *roles: str) -> User:
+ROLE_PERMISSIONS = {
+    "Viewers": [],
+    "Operators": ["take_over_conversation"],
+    "Supervisors": ["take_over_conversation", "pause_contact_or_agent"],
+}
+
+
+def make_user(username: str, role: str) -> User:
+    # Permissions directly, not the migration's groups: transactional tests flush those.
     user = User.objects.create_user(username=username, password="pw", first_name=username.title())
-    user.groups.add(*Group.objects.filter(name__in=roles))
+    user.user_permissions.add(
+        *Permission.objects.filter(
+            content_type__app_label="conversations", codename__in=ROLE_PERMISSIONS[role]
+        )
+    )
     return User.objects.get(pk=user.pk)  # fresh: no stale permission cache
 
 

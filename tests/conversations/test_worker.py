@@ -1,0 +1,253 @@
+"""The worker against the simulator over a real socket: events stored, commands carried out."""
+
+import asyncio
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from conversations import services
+from conversations.models import Command, Conversation, Message
+from conversations.worker import PinecallBridge
+from pinecall_sdk.simulator import Simulator
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+db = sync_to_async
+
+
+async def eventually(check, timeout: float = 10.0, interval: float = 0.05):
+    """Poll a sync `check` (run off the loop, it may query the DB) until it is truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await db(check)()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {check.__doc__ or check}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def sim():
+    async with Simulator(port=0, ai_delay=0, status_delay=0) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def start_worker(sim, settings):
+    settings.PINECALL_URL = sim.url
+    settings.PINECALL_API_KEY = "test-key"
+    settings.PINECALL_COMMAND_TIMEOUT = 5.0
+    running = []
+
+    async def start() -> PinecallBridge:
+        bridge = PinecallBridge()
+        task = asyncio.create_task(bridge.run())
+        # What the Channels consumer does in runworker: relay wake-ups to the bridge.
+        relay = asyncio.create_task(relay_wakeups(bridge))
+        running.append((bridge, task))
+        running.append((bridge, relay))
+        await asyncio.wait_for(bridge._registered.wait(), 10)
+        return bridge
+
+    yield start
+    # Teardown runs outside the loop for sync fixtures: stopping is done by `stop_all`.
+    for bridge, task in running:
+        task.cancel()
+
+
+@pytest.fixture
+async def worker(start_worker):
+    bridge = await start_worker()
+    yield bridge
+    await bridge.stop()
+
+
+async def relay_wakeups(bridge: PinecallBridge) -> None:
+    from channels.layers import get_channel_layer
+
+    from conversations.live import WORKER_CHANNEL
+
+    layer = get_channel_layer()
+    while True:
+        await layer.receive(WORKER_CHANNEL)
+        bridge.wake()
+
+
+def only(model, **filters):
+    return model.objects.get(**filters)
+
+
+async def test_a_customer_conversation_lands_complete_and_in_order(sim, worker):
+    for text in ["Hi", "Where is my order?", "Thanks"]:
+        await sim.customer_says(phone="34612345678", name="Ana", text=text)
+        await asyncio.sleep(0.05)
+
+    def complete():
+        return Message.objects.filter(status="read", author="ai").count() == 3
+
+    await eventually(complete)
+    conversation = await db(only)(Conversation, contact_phone="34612345678")
+    authors = await db(lambda: list(conversation.messages.values_list("author", "text")))()
+    assert [a for a, _ in authors] == ["customer", "ai"] * 3
+    assert [t for a, t in authors if a == "customer"] == ["Hi", "Where is my order?", "Thanks"]
+    assert conversation.contact_name == "Ana" and conversation.message_count == 6
+    assert conversation.session_id == sim.session_for("34612345678")
+
+
+async def test_take_over_send_and_hand_back_reach_pinecall(sim, worker, operator):
+    started = await sim.customer_says(phone="34611111111", name="Ben", text="I need help")
+    session_id = started["session_id"]
+    conversation = await eventually(
+        lambda: Conversation.objects.filter(session_id=session_id).first()
+    )
+
+    await db(services.conversation_take_over)(conversation=conversation, operator=operator)
+    await sim.wait_for("session.pause", session_id=session_id, agent_id="support")
+    await eventually(lambda: Conversation.objects.get(pk=conversation.pk).ai_paused)
+    held = await db(only)(Conversation, pk=conversation.pk)
+    assert held.held_by_id == operator.pk and held.holder == "human"
+    assert sim.is_paused(session_id)
+
+    # While held, the customer's messages arrive paused and the AI stays quiet.
+    await sim.customer_says(phone="34611111111", text="Hello?")
+    await eventually(lambda: Message.objects.filter(text="Hello?", paused=True).exists())
+
+    await db(services.conversation_send)(
+        conversation=held, operator=operator, text="Hi Ben, a person here."
+    )
+    frame = await sim.wait_for("session.send", session_id=session_id)
+    assert frame["text"] == "Hi Ben, a person here." and frame["contact"] == "34611111111"
+    await eventually(
+        lambda: Message.objects.filter(author="human", status="read").exists()
+    )
+    assert await db(Message.objects.filter(author="human").count)() == 1
+    assert {"role": "assistant", "content": "Hi Ben, a person here.", "source": "human"} in [
+        {k: entry[k] for k in ("role", "content", "source")} for entry in sim.session_history(session_id)
+    ]
+
+    await db(services.conversation_hand_back)(conversation=held, operator=operator)
+    await sim.wait_for("session.resume", session_id=session_id)
+    await eventually(lambda: Conversation.objects.get(pk=conversation.pk).holder == "ai")
+    assert not sim.is_paused(session_id)
+    statuses = await db(lambda: list(Command.objects.values_list("kind", "status")))()
+    assert statuses == [("pause", "confirmed"), ("send", "confirmed"), ("resume", "confirmed")]
+
+
+async def test_a_refused_command_is_recorded_with_the_reason(sim, worker, operator, make_conversation):
+    ghost = await db(make_conversation)(session_id="wa-000000000000")
+    command = await db(services.conversation_take_over)(conversation=ghost, operator=operator)
+    await eventually(lambda: Command.objects.get(pk=command.pk).status == "failed")
+    failed = await db(only)(Command, pk=command.pk)
+    assert failed.error_code == "SESSION_NOT_FOUND"
+    ghost = await db(only)(Conversation, pk=ghost.pk)
+    assert ghost.held_by is None and ghost.state == "ended"
+
+
+async def test_commands_issued_while_the_worker_is_stopped_go_out_once(
+    sim, start_worker, operator
+):
+    await sim.customer_says(phone="34622222222", name="Cy", text="hello")
+    session_id = sim.session_for("34622222222")
+    # The worker was not running: the conversation is only known from the intent.
+    conversation = await db(Conversation.objects.create)(
+        session_id=session_id, agent_id="support", contact_phone="34622222222"
+    )
+    await db(services.conversation_take_over)(conversation=conversation, operator=operator)
+
+    bridge = await start_worker()
+    await eventually(lambda: Command.objects.get().status == "confirmed")
+    await bridge.stop()
+    bridge = await start_worker()  # a restart must not send it again
+    await asyncio.sleep(0.5)
+    await bridge.stop()
+    pauses = [f for f in sim.received if f.get("event") == "session.pause"]
+    assert len([f for f in pauses if f.get("session_id") == session_id]) == 2  # the command, then the restart's re-assertion of the hold
+    assert await db(Command.objects.count)() == 1
+
+
+async def test_duplicate_and_malformed_frames_change_nothing(sim, worker):
+    await sim.customer_says(phone="34633333333", name="Di", text="first")
+    await eventually(lambda: Message.objects.filter(author="ai").exists())
+    message = await db(only)(Message, text="first")
+    conversation = await db(only)(Conversation, pk=message.conversation_id)
+    duplicate = {
+        "event": "whatsapp.message",
+        "agent_id": "support",
+        "session_id": conversation.session_id,
+        "from": "34633333333",
+        "name": "Di",
+        "type": "text",
+        "text": "first",
+        "message_id": message.message_id,
+        "paused": False,
+    }
+    for frame in [
+        duplicate,
+        "this is not json",
+        "[1, 2, 3]",
+        {"no": "event"},
+        {**duplicate, "message_id": "wamid.bad", "paused": "yes"},
+        {**duplicate, "session_id": 12345},
+        {"event": "whatsapp.teleport", "session_id": conversation.session_id},
+        {"event": "whatsapp.session_started", "agent_id": "support",
+         "session_id": conversation.session_id, "contact_phone": "34633333333", "contact_name": "Di"},
+    ]:
+        await sim.inject(frame)
+    await sim.customer_says(phone="34633333333", text="second")
+    await eventually(lambda: Message.objects.filter(text="second").exists())
+    assert await db(Message.objects.filter(author="customer").count)() == 2
+    assert await db(Conversation.objects.count)() == 1
+
+
+async def test_held_conversations_are_paused_again_after_a_reconnect(sim, worker, operator):
+    await sim.customer_says(phone="34644444444", name="Eva", text="help")
+    session_id = sim.session_for("34644444444")
+    conversation = await eventually(
+        lambda: Conversation.objects.filter(session_id=session_id).first()
+    )
+    await db(services.conversation_take_over)(conversation=conversation, operator=operator)
+    await eventually(lambda: Conversation.objects.get(pk=conversation.pk).ai_paused)
+    # Someone (another process, the server) resumes everything: the human's hold wins.
+    mark = len(sim.received)
+    await sim.resume()
+    await sim.wait_for("session.pause", session_id=session_id, after=mark)
+    assert sim.is_paused(session_id)
+
+    mark = len(sim.received)
+    await sim.drop_connections()
+    await sim.wait_for("agent.create", after=mark, timeout=10)
+    await sim.wait_for("session.pause", session_id=session_id, after=mark, timeout=10)
+    assert sim.is_paused(session_id)
+
+
+async def test_kill_switch_and_contact_pause(sim, worker, supervisor, operator):
+    await sim.customer_says(phone="34655555555", name="Flo", text="hey")
+    session_id = sim.session_for("34655555555")
+    conversation = await eventually(
+        lambda: Conversation.objects.filter(session_id=session_id).first()
+    )
+    await db(services.conversation_take_over)(conversation=conversation, operator=operator)
+    await db(services.contact_pause)(contact_phone="34666666666", operator=supervisor)
+    await db(services.agent_pause)(operator=supervisor)
+    await sim.wait_for("session.pause", agent_id="support", timeout=5, contact="34666666666")
+    await eventually(lambda: services.agent_state_get().ai_paused)
+
+    # The AI back on: Pinecall clears every level, the worker restores the humans' ones.
+    mark = len(sim.received)
+    await db(services.agent_resume)(operator=supervisor)
+    await sim.wait_for("session.resume", after=mark)
+    await sim.wait_for("session.pause", session_id=session_id, after=mark)
+    await sim.wait_for("session.pause", contact="34666666666", after=mark)
+    assert sim.is_paused(session_id)
+    assert not await db(lambda: services.agent_state_get().ai_paused)()
+
+
+async def test_session_end_is_stored(sim, worker):
+    await sim.customer_says(phone="34677777777", name="Gus", text="bye")
+    session_id = sim.session_for("34677777777")
+    await eventually(lambda: Conversation.objects.filter(session_id=session_id).exists())
+    await sim.end_session(session_id, reason="idle_timeout")
+    await eventually(lambda: Conversation.objects.get(session_id=session_id).state == "ended")
+    ended = await db(only)(Conversation, session_id=session_id)
+    assert ended.end_reason == "idle_timeout" and ended.ended_at is not None
