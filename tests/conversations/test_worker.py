@@ -251,3 +251,22 @@ async def test_session_end_is_stored(sim, worker):
     await eventually(lambda: Conversation.objects.get(session_id=session_id).state == "ended")
     ended = await db(only)(Conversation, session_id=session_id)
     assert ended.end_reason == "idle_timeout" and ended.ended_at is not None
+
+
+async def test_an_event_the_database_refuses_does_not_stop_the_others(sim, worker):
+    """A session id longer than the column: PostgreSQL refuses the row; the next event lands."""
+    await sim.inject(
+        {
+            "event": "whatsapp.message",
+            "agent_id": "support",
+            "session_id": "wa-" + "f" * 200,
+            "from": "34688888888",
+            "name": "Hal",
+            "type": "text",
+            "text": "too long an id",
+            "message_id": "wamid.too-long-session",
+            "paused": False,
+        }
+    )
+    await sim.customer_says(phone="34699999999", name="Ivy", text="still there?")
+    await eventually(lambda: Message.objects.filter(text="still there?").exists())

@@ -52,6 +52,9 @@ class Command(BaseCommand):
             if not settings.PINECALL_API_KEY and not no_simulator:
                 from pinecall_sdk.simulator import Simulator
 
+                # One line per stored event is enough on a console; not every frame twice.
+                for name in ("pinecall_sdk.simulator", "websockets"):
+                    logging.getLogger(name).setLevel(logging.WARNING)
                 simulator = Simulator(host="127.0.0.1", port=0, ai_delay=0.8, demo=True)
                 await simulator.start()
                 settings.PINECALL_URL = simulator.url

@@ -1,0 +1,21 @@
+"""A local simulator of the Pinecall server (WhatsApp + human takeover).
+
+It speaks the wire protocol of ``/work/shared/pinecall-protocol.md`` over a
+real WebSocket, so the SDK client and the dashboard can be developed and
+tested without the real service. It knows nothing of Django.
+
+    from pinecall_sdk.simulator import Simulator
+
+    async with Simulator(ai_delay=0.4) as sim:
+        print(sim.url)  # clients connect to f"{sim.url}/client"
+        await sim.customer_says(phone="34612345678", name="Ana", text="Where is my order?")
+
+Or from a shell: ``python -m pinecall_sdk.simulator --port 8765 --demo``.
+The choices it makes where the protocol is silent are listed in
+``pinecall_sdk/simulator/server.py``.
+"""
+
+from .server import CommandError, Simulator
+from .state import AgentState, Session
+
+__all__ = ["AgentState", "CommandError", "Session", "Simulator"]
