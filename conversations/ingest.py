@@ -134,13 +134,33 @@ def ingest_customer_message(
 
 @transaction.atomic
 def ingest_response(
-    *, agent_id: str, session_id: str, to: str = "", text: str = "", source: str | None = None
+    *,
+    agent_id: str,
+    session_id: str | None,
+    to: str = "",
+    text: str = "",
+    source: str | None = None,
 ) -> Message | None:
     """A reply went out: the AI's, or the echo of a human send.
 
-    Returns the new message, or None when it was an echo or a repeat.
+    Returns the new message, or None when it was an echo or a repeat. A direct
+    send to a contact whose session had ended comes without a session id: it
+    belongs to that contact's latest conversation.
     """
-    conversation, _ = _conversation_for(session_id=session_id, agent_id=agent_id, contact_phone=to)
+    if session_id:
+        conversation, _ = _conversation_for(
+            session_id=session_id, agent_id=agent_id, contact_phone=to
+        )
+    else:
+        conversation = (
+            Conversation.objects.select_for_update()
+            .filter(agent_id=agent_id, contact_phone=to)
+            .order_by("-started_at")
+            .first()
+        )
+        if conversation is None:
+            logger.warning("reply to %s with no session and no conversation: not stored", to)
+            return None
     if source == "human":
         pending_copy = (
             conversation.messages.filter(

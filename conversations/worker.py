@@ -120,6 +120,8 @@ class PinecallBridge:
             app_secret=settings.WHATSAPP_APP_SECRET,
         )
         self.agent.on("*", self.on_event)
+        # After every (re)registration, once the WhatsApp channel is re-added.
+        self.agent.on("registered", self._on_registered)
         self.client.on("connected", self._on_connected)
         self.client.on("disconnected", self._on_disconnected)
         self.client.on("error", self._on_client_error)
@@ -186,7 +188,7 @@ class PinecallBridge:
     async def _on_client_error(self, error, *_args) -> None:
         logger.error("Pinecall client error: %s", error)
 
-    async def _on_registered(self) -> None:
+    async def _on_registered(self, *_args) -> None:
         """After every (re)registration: restore humans' pauses, then send the outbox."""
         await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=True)
         self._spawn(self._reassert_pauses())
@@ -213,8 +215,6 @@ class PinecallBridge:
 
     def _handlers(self) -> dict[str, Callable]:
         return {
-            "agent.created": self._registered_event,
-            "agent.resumed": self._registered_event,
             "whatsapp.session_started": self._session_started,
             "whatsapp.message": self._message,
             "whatsapp.response": self._response,
@@ -223,9 +223,6 @@ class PinecallBridge:
             "session.paused": self._paused,
             "session.resumed": self._resumed,
         }
-
-    async def _registered_event(self, event) -> None:
-        await self._on_registered()
 
     async def _session_started(self, event) -> None:
         await _db(ingest.ingest_session_started)(

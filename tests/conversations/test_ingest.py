@@ -154,3 +154,13 @@ class TestEndAndPauses:
         assert AgentState.objects.get(agent_id="support").ai_paused
         ingest.ingest_pause_state(agent_id="support", paused=False)
         assert not AgentState.objects.get(agent_id="support").ai_paused
+
+
+@pytest.mark.django_db
+def test_direct_send_echo_without_session_belongs_to_the_contacts_latest_conversation():
+    customer()
+    message = ingest.ingest_response(
+        agent_id="support", session_id=None, to="34612345678", text="After the end", source="human"
+    )
+    assert message.conversation.session_id == "wa-aaaaaaaaaaaa"
+    assert ingest.ingest_response(agent_id="support", session_id=None, to="999", text="x") is None

@@ -1,0 +1,220 @@
+"""Unit tests of the client's pure parts: event parsing, errors, backoff, arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from pinecall_sdk import (
+    AgentDisplacedEvent,
+    ErrorEvent,
+    Event,
+    Pinecall,
+    PinecallError,
+    PinecallInvalidArgument,
+    PinecallTimeout,
+    SessionPausedEvent,
+    WhatsAppMessageEvent,
+    WhatsAppSessionEndedEvent,
+    WhatsAppStatusEvent,
+    parse_event,
+    reconnect_delay,
+)
+
+
+# --- parse_event ---------------------------------------------------------------------
+
+
+def test_parse_message_keeps_wire_names_and_raw():
+    frame = {
+        "event": "whatsapp.message",
+        "agent_id": "support",
+        "session_id": "wa-abc",
+        "from": "34612345678",
+        "name": "Ana",
+        "type": "audio",
+        "text": "transcript",
+        "message_id": "wamid.1",
+        "paused": True,
+        "something_new": {"x": 1},
+    }
+    ev = parse_event(frame)
+    assert isinstance(ev, WhatsAppMessageEvent)
+    assert (ev.event, ev.agent_id, ev.session_id, ev.from_, ev.name) == (
+        "whatsapp.message", "support", "wa-abc", "34612345678", "Ana",
+    )
+    assert (ev.type, ev.text, ev.message_id, ev.paused) == ("audio", "transcript", "wamid.1", True)
+    assert ev.raw is frame
+    assert ev.raw["from"] == "34612345678"
+    assert ev.get("something_new") == {"x": 1}
+
+
+def test_parse_unknown_event_is_generic():
+    ev = parse_event({"event": "whatsapp.reaction", "agent_id": "a", "emoji": "x"})
+    assert type(ev) is Event
+    assert ev.event == "whatsapp.reaction" and ev.agent_id == "a" and ev.get("emoji") == "x"
+
+
+def test_parse_error_message_from_old_error_key():
+    ev = parse_event({"event": "error", "code": "SESSION_NOT_FOUND", "error": "no such session"})
+    assert isinstance(ev, ErrorEvent)
+    assert ev.code == "SESSION_NOT_FOUND" and ev.message == "no such session"
+    assert parse_event({"event": "error", "code": "X", "message": "new"}).message == "new"
+
+
+def test_parse_session_ended_and_status_and_paused():
+    ended = parse_event({
+        "event": "whatsapp.session_ended", "session_id": "wa-1", "reason": "idle_timeout",
+        "started_at": "2025-01-01T00:00:00.000Z", "ended_at": "2025-01-01T01:00:00.000Z",
+        "duration": 3600.0, "message_count": 2, "transcript": [{"role": "user", "content": "hi"}],
+        "messages": [],
+    })
+    assert isinstance(ended, WhatsAppSessionEndedEvent)
+    assert ended.duration == 3600.0 and ended.message_count == 2 and ended.transcript[0]["content"] == "hi"
+    status = parse_event({"event": "whatsapp.status", "status": "read", "recipient": "34", "message_id": "m"})
+    assert isinstance(status, WhatsAppStatusEvent) and status.status == "read" and status.agent_id is None
+    paused = parse_event({"event": "session.paused", "agent_id": "a", "contact": "34"})
+    assert isinstance(paused, SessionPausedEvent) and paused.contact == "34" and paused.session_id is None
+    displaced = parse_event({"event": "agent.displaced", "agent_id": "a", "reason": "Displaced"})
+    assert isinstance(displaced, AgentDisplacedEvent) and displaced.reason == "Displaced"
+
+
+def test_parse_null_or_missing_is_absent():
+    ev = parse_event({"event": "whatsapp.message", "session_id": "wa-1", "text": None, "paused": None})
+    assert ev.text is None and ev.paused is None
+    # a direct send to a contact has no session: still an event, not a malformed frame
+    ev = parse_event({"event": "whatsapp.response", "to": "34", "text": "hi", "source": "human"})
+    assert ev.session_id is None and ev.source == "human"
+
+
+@pytest.mark.parametrize(
+    "frame, words",
+    [
+        ([1, 2], "JSON object"),
+        ("text", "JSON object"),
+        ({"agent_id": "a"}, "no 'event'"),
+        ({"event": 5}, "'event'"),
+        ({"event": ""}, "'event'"),
+        ({"event": "whatsapp.message", "session_id": "wa-1", "paused": "yes"}, "'paused' must be a boolean"),
+        ({"event": "whatsapp.message", "session_id": "wa-1", "text": 12}, "'text' must be a string"),
+        ({"event": "whatsapp.message", "session_id": 12}, "'session_id' must be a string"),
+        ({"event": "session.paused", "session_id": ["wa-1"]}, "'session_id' must be a string"),
+        ({"event": "whatsapp.session_ended", "session_id": "wa-1", "duration": True}, "'duration' must be a number"),
+        ({"event": "whatsapp.session_ended", "session_id": "wa-1", "transcript": "x"}, "'transcript' must be a list"),
+        ({"event": "agent.created", "agent_id": 7}, "'agent_id' must be a string"),
+        ({"event": "error", "code": 404}, "'code' must be a string"),
+    ],
+)
+def test_parse_rejects_wrong_types(frame, words):
+    with pytest.raises(ValueError) as info:
+        parse_event(frame)
+    assert words in str(info.value)
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+def test_error_classes():
+    err = PinecallError.from_frame({"event": "error", "code": "SESSION_NOT_FOUND", "error": "gone"})
+    assert err.code == "SESSION_NOT_FOUND" and err.message == "gone" and err.frame["error"] == "gone"
+    assert err.raw is err.frame
+    assert "SESSION_NOT_FOUND" in str(err)
+    timeout = PinecallTimeout("slow")
+    assert isinstance(timeout, PinecallError) and isinstance(timeout, TimeoutError)
+    assert timeout.code == "TIMEOUT"
+    bad = PinecallInvalidArgument("nope")
+    assert isinstance(bad, ValueError) and bad.code == "INVALID_ARGUMENT"
+
+
+# --- backoff -------------------------------------------------------------------------
+
+
+def test_reconnect_delay_formula():
+    low = lambda: 0.0  # noqa: E731
+    high = lambda: 1.0  # noqa: E731
+    assert [reconnect_delay(n, rand=low) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert reconnect_delay(0, rand=high) == pytest.approx(1.25)
+    assert reconnect_delay(3, rand=high) == pytest.approx(10.0)
+    assert reconnect_delay(10, rand=high) == pytest.approx(37.5)
+    assert reconnect_delay(10_000, rand=low) == 30  # no overflow for a long outage
+    for n in range(8):
+        base = min(2**n, 30)
+        for _ in range(50):
+            assert base <= reconnect_delay(n) <= base * 1.25
+    assert reconnect_delay(2, base=0.01, cap=0.1, jitter=0, rand=high) == pytest.approx(0.04)
+
+
+def test_client_delay_uses_its_attributes():
+    pc = Pinecall(api_key="k", url="ws://x")
+    assert (pc.reconnect_base_delay, pc.reconnect_max_delay, pc.reconnect_jitter) == (1.0, 30.0, 0.25)
+    pc.reconnect_base_delay, pc.reconnect_max_delay, pc.reconnect_jitter = 0.1, 0.5, 0.0
+    assert [pc._reconnect_delay(n) for n in range(4)] == [0.1, 0.2, 0.4, 0.5]
+    # conflicts: the backoff, but never less than the server's retry_after_s (capped for tests)
+    pc.conflict_base_delay, pc.conflict_max_delay = 0.01, 0.08
+    assert pc._conflict_delay(0, retry_after_s=None) == pytest.approx(0.01)
+    assert pc._conflict_delay(9, retry_after_s=None) == pytest.approx(0.08)
+    assert pc._conflict_delay(0, retry_after_s=5) == pytest.approx(5)
+    pc.conflict_retry_after_cap = 0.3
+    assert pc._conflict_delay(0, retry_after_s=5) == pytest.approx(0.3)
+
+
+# --- construction and arguments ------------------------------------------------------
+
+
+def test_url_and_key_defaults(monkeypatch):
+    monkeypatch.delenv("PINECALL_URL", raising=False)
+    monkeypatch.delenv("PINECALL_API_KEY", raising=False)
+    pc = Pinecall()
+    assert pc.ws_url == "wss://voice.pinecall.io/client" and pc.api_key is None
+    monkeypatch.setenv("PINECALL_URL", "ws://127.0.0.1:9/")
+    monkeypatch.setenv("PINECALL_API_KEY", "env-key")
+    pc = Pinecall()
+    assert pc.ws_url == "ws://127.0.0.1:9/client" and pc.api_key == "env-key"
+    pc = Pinecall(api_key="arg", url="ws://h:1///")
+    assert pc.ws_url == "ws://h:1/client" and pc.api_key == "arg"
+    assert (pc.command_timeout, pc.connect_timeout, pc.ping_interval) == (10.0, 10.0, 30.0)
+    assert pc.connected is False
+
+
+def test_agent_config_and_handlers():
+    pc = Pinecall(api_key="k", url="ws://x")
+    agent = pc.agent("support", language="en", llm=None, prompt="p")
+    assert pc.agent("support") is agent
+    assert agent._create_frame() == {"event": "agent.create", "agent_id": "support", "language": "en", "prompt": "p"}
+    assert agent.registered is False
+
+    @agent.on("whatsapp.message")
+    def handler(event):
+        pass
+
+    assert handler in agent._handlers["whatsapp.message"]
+    with pytest.raises(ValueError):
+        agent.add_whatsapp(phone_number_id="", access_token="t")
+    agent.add_whatsapp(phone_number_id="123", access_token="tok", verify_token="", app_secret="s")
+    assert agent._channel_frame() == {
+        "event": "channel.add", "agent_id": "support", "type": "whatsapp", "ref": "123",
+        "accessToken": "tok", "appSecret": "s",
+    }
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda a: a.send_message(text="hi"),
+        lambda a: a.send_message(session_id="wa-1", text=""),
+        lambda a: a.send_message(session_id="wa-1", text="   "),
+        lambda a: a.send_message(session_id="wa-1"),
+        lambda a: a.send_message(contact="34", text=5),
+        lambda a: a.send_message(session_id="", text="hi"),
+        lambda a: a.pause("wa-1", contact="34"),
+        lambda a: a.pause(5),
+        lambda a: a.resume(contact=""),
+        lambda a: a.pause("wa-1", timeout=0),
+    ],
+)
+async def test_bad_arguments_raise_before_anything(call):
+    pc = Pinecall(api_key="k", url="ws://x")
+    agent = pc.agent("support")
+    with pytest.raises(PinecallInvalidArgument) as info:
+        await call(agent)
+    assert isinstance(info.value, ValueError) and info.value.code == "INVALID_ARGUMENT"
+    assert not agent._outbox
