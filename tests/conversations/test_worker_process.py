@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,10 @@ def database_url() -> str:
     return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
-def start_worker(sim: Simulator, log: Path) -> subprocess.Popen:
+def start_worker(sim: Simulator, log: Path, **extra_env: str) -> subprocess.Popen:
     env = {
         **os.environ,
+        **extra_env,
         "DATABASE_URL": database_url(),
         "PINECALL_URL": sim.url,
         "PINECALL_API_KEY": "test-key",
@@ -137,3 +139,62 @@ async def test_kill_9_in_the_middle_of_a_burst_then_restart_stores_exact_counts(
         lambda: set(Conversation.objects.values_list("message_count", flat=True))
     )()
     assert counts == {per_contact}
+
+
+def start_redis(port: int, tmp_path: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return process
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+async def test_the_worker_survives_redis_going_away(tmp_path, operator):
+    """Redis (the channel layer) stops and comes back: events and commands keep flowing,
+    because the database is the record and the worker polls its outbox."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    redis_process = start_redis(port, tmp_path)
+    async with Simulator(port=0, ai_delay=0, status_delay=0) as sim:
+        log = tmp_path / "worker.log"
+        worker = start_worker(sim, log, REDIS_URL=f"redis://127.0.0.1:{port}/0")
+        try:
+            await sim.wait_for("channel.add", timeout=30)
+            redis_process.kill()
+            redis_process.wait(5)
+            await asyncio.sleep(1.0)
+
+            await sim.customer_says(phone="34612340000", name="Jo", text="anyone?")
+            await wait_until(lambda: Message.objects.filter(text="anyone?").exists())
+            conversation = await sync_to_async(Conversation.objects.get)(contact_phone="34612340000")
+            await sync_to_async(services.conversation_take_over)(
+                conversation=conversation, operator=operator
+            )
+            await wait_until(lambda: Command.objects.get().status == "confirmed")
+
+            redis_process = start_redis(port, tmp_path)
+            await asyncio.sleep(1.0)
+            await sync_to_async(services.conversation_hand_back)(
+                conversation=conversation, operator=operator
+            )
+            await wait_until(lambda: Command.objects.filter(status="confirmed").count() == 2)
+            assert worker.poll() is None, "the worker died"
+        finally:
+            code = await stop(worker)
+            redis_process.kill()
+    assert code == 0, log.read_text()
+    assert "channel layer unavailable" in log.read_text()
