@@ -34,7 +34,8 @@ WORKER_CHANNEL = "pinecall"  # the worker's channel (`manage.py runworker pineca
 # A row saved just before a page's render may commit just after it: catch-up looks
 # back this much further than the page says it knows.
 CATCH_UP_MARGIN = timedelta(seconds=2)
-# Below this gap since the page's render, a (re)connect only sends newer messages.
+# Under this gap since the page's state, a (re)connect re-renders the conversation's
+# header only if its row changed meanwhile (a page that just loaded is up to date).
 QUIET_RECONNECT = timedelta(seconds=10)
 
 
@@ -134,14 +135,55 @@ def render_cursor(now: datetime) -> str:
     return render_to_string("conversations/_live_cursor.html", {"since": now.timestamp()})
 
 
+def render_conversation_state_for(conversation, user) -> str:
+    """One user's header and composer (out of band), as the page's state view renders them."""
+    from conversations import selectors
+
+    return render_to_string(
+        "conversations/_conversation_state.html",
+        {
+            "conversation": conversation,
+            "st": selectors.conversation_state(conversation=conversation, user=user),
+            "max_length": settings.MESSAGE_MAX_LENGTH,
+            "oob": True,
+            "user": user,
+        },
+    )
+
+
+def render_agent_state_for(state, user) -> str:
+    """One user's agent banner (their kill switch buttons), out of band."""
+    from django.contrib.auth.context_processors import PermWrapper
+
+    from conversations import selectors
+
+    return render_to_string(
+        "conversations/_agent_state.html",
+        {
+            "agent_state": state,
+            "agent_pending": selectors.agent_open_command(state.agent_id) or False,
+            "oob": True,
+            "user": user,
+            "perms": PermWrapper(user),
+        },
+    )
+
+
 def catch_up(
-    *, conversation_id: int | None = None, after: int | None = None, since: float | None = None
+    *,
+    user=None,
+    conversation_id: int | None = None,
+    after: int | None = None,
+    since: float | None = None,
 ) -> list[str]:
     """Everything a page missed, as the fragments the live stream would have sent.
 
     `after`: the newest message id the page shows (of `conversation_id`);
     `since`: the server time (epoch seconds) the page's state dates from, as
-    rendered in the page or in the last catch-up's cursor. Ends with a new cursor.
+    rendered in the page or in the last catch-up's cursor. With `user`, the
+    per-user parts (header, composer, agent banner) are rendered for them at
+    once; without, as the broadcasts do (each browser then fetches its own).
+    Ends with a new cursor.
     """
     from conversations import selectors
     from conversations.models import Conversation
@@ -153,13 +195,12 @@ def catch_up(
             since_at = datetime.fromtimestamp(since, tz=UTC) - CATCH_UP_MARGIN
         except (OverflowError, OSError, ValueError):
             since_at = None
-    # A quiet (re)connect right after the page rendered: the page is up to date
-    # but for messages, which are cheap to check.
-    gap = since_at is None or now - since_at > QUIET_RECONNECT
     out: list[str] = []
 
     if conversation_id:
-        conversation = Conversation.objects.filter(pk=conversation_id).first()
+        conversation = (
+            Conversation.objects.select_related("held_by").filter(pk=conversation_id).first()
+        )
         if conversation is not None:
             limit = settings.CONVERSATION_PAGE_SIZE
             if after is not None:
@@ -184,24 +225,30 @@ def catch_up(
                     )
                 else:
                     out.extend(render_message(m, new=True) for m in newer)
-                    if since_at is not None and gap:
+                    if since_at is not None:
                         changed = selectors.messages_changed_since(
                             conversation_id=conversation_id, since=since_at, upto=after, limit=limit
                         )
                         out.extend(render_message(m, new=False) for m in changed)
-            if gap or conversation.updated_at >= since_at:
-                out.append(render_conversation(conversation))
+            # Who holds it, pending actions: after a real gap, or when the row changed.
+            if (
+                since_at is None
+                or now - since_at > QUIET_RECONNECT
+                or conversation.updated_at >= since_at
+            ):
+                if user is not None:
+                    out.append(render_conversation_state_for(conversation, user))
+                else:
+                    out.append(render_conversation(conversation))
 
-    if since_at is not None and gap:
+    if since_at is not None:
         page = settings.INBOX_PAGE_SIZE
         rows = selectors.conversations_changed_since(since_at, limit=page + 1)
         if len(rows) > page:
             out.append(render_to_string("conversations/_inbox_refresh.html", {}))
         else:
             out.extend(render_inbox_row(row) for row in rows)
-    if gap:
-        out.append(
-            render_agent_state(selectors.agent_state_for_display(settings.PINECALL_AGENT_ID))
-        )
+    state = selectors.agent_state_for_display(settings.PINECALL_AGENT_ID)
+    out.append(render_agent_state_for(state, user) if user is not None else render_agent_state(state))
     out.append(render_cursor(now))
     return out

@@ -1,8 +1,34 @@
-"""Operators' live socket: thin. It checks the user, joins groups, forwards fragments."""
+"""Operators' live socket: thin. It checks the user, joins groups, forwards fragments.
 
+One endpoint, `/ws/live/`, with query parameters:
+
+- `conversation=<pk>`: also join that conversation's group (the page shows it);
+- `after=<message id>`: the newest message the page shows;
+- `since=<epoch seconds>`: the server time the page's state dates from.
+
+On connect, after joining the groups, the first thing sent is what the page
+missed (`live.catch_up`: newer messages, moved ticks, changed inbox rows, this
+user's header, composer and agent banner), ending with a new cursor (the
+`since` for the next reconnect); then every fragment the groups receive is
+forwarded as it is. htmx's ws extension swaps them in.
+"""
+
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from conversations.live import OPERATORS_GROUP
+from conversations import live
+
+
+def _param(params: dict, name: str, kind):
+    try:
+        value = kind(params[name][0])
+    except (KeyError, IndexError, ValueError, OverflowError):
+        return None
+    if kind is float and value != value:  # NaN
+        return None
+    return value
 
 
 class LiveConsumer(AsyncWebsocketConsumer):
@@ -11,14 +37,33 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
             return
-        self.groups_joined = [OPERATORS_GROUP]
+        params = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        conversation_id = _param(params, "conversation", int)
+        if conversation_id is not None and conversation_id <= 0:
+            conversation_id = None
+        self.groups_joined = [live.OPERATORS_GROUP]
+        if conversation_id:
+            self.groups_joined.append(live.conversation_group(conversation_id))
         for group in self.groups_joined:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
+        # Joined first, then read: nothing falls between the two (duplicates are
+        # possible, and the page ignores a message it already shows).
+        missed = await database_sync_to_async(live.catch_up)(
+            user=user,
+            conversation_id=conversation_id,
+            after=_param(params, "after", int),
+            since=_param(params, "since", float),
+        )
+        for html in missed:
+            await self.send(text_data=html)
 
     async def disconnect(self, code):
         for group in getattr(self, "groups_joined", []):
             await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None):
+        """The page never talks on this socket; actions are HTTP POSTs."""
 
     async def live_html(self, event):
         await self.send(text_data=event["html"])

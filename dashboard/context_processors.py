@@ -1,10 +1,18 @@
 from django.conf import settings
+from django.utils.functional import SimpleLazyObject
 
-from conversations.selectors import agent_state_for_display
+from conversations.selectors import agent_open_command, agent_state_for_display
 
 
 def agent_state(request):
-    """The kill switch and the worker's link, shown on every page."""
+    """The kill switch and the worker's link, shown on every page.
+
+    Lazy: a fragment that does not show the banner costs no query.
+    """
     if not getattr(request, "user", None) or not request.user.is_authenticated:
         return {}
-    return {"agent_state": agent_state_for_display(settings.PINECALL_AGENT_ID)}
+    agent_id = settings.PINECALL_AGENT_ID
+    return {
+        "agent_state": SimpleLazyObject(lambda: agent_state_for_display(agent_id)),
+        "agent_pending": SimpleLazyObject(lambda: agent_open_command(agent_id) or False),
+    }

@@ -6,6 +6,8 @@ the Pinecall simulator. Set DATABASE_URL, REDIS_URL, PINECALL_URL and
 PINECALL_API_KEY for production.
 """
 
+import os
+import tempfile
 from pathlib import Path
 
 import environ
@@ -97,7 +99,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         }
     )
     # A file, not memory: tests run the worker and Daphne as separate processes.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "test-db.sqlite3")}
+    # One per test run, so that runs side by side do not share it.
+    DATABASES["default"]["TEST"] = {
+        "NAME": str(Path(tempfile.gettempdir()) / f"takeover-test-{os.getpid()}.sqlite3")
+    }
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
@@ -163,8 +168,12 @@ X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
 
 # Pinecall: the agent this dashboard watches and the connection the worker holds.
-PINECALL_URL = env.str("PINECALL_URL", default="ws://127.0.0.1:8765")
 PINECALL_API_KEY = env.str("PINECALL_API_KEY", default="")
+# With a key, Pinecall's cloud; without one, a simulator on this machine.
+PINECALL_URL = env.str(
+    "PINECALL_URL",
+    default="wss://voice.pinecall.io" if PINECALL_API_KEY else "ws://127.0.0.1:8765",
+)
 PINECALL_AGENT_ID = env.str("PINECALL_AGENT_ID", default="support")
 PINECALL_AGENT_LANGUAGE = env.str("PINECALL_AGENT_LANGUAGE", default="en")
 PINECALL_AGENT_LLM = env.str("PINECALL_AGENT_LLM", default="openai/gpt-4.1-mini")

@@ -1,9 +1,25 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import path
+
+from dashboard import views
 
 urlpatterns = [
+    path("", views.inbox, name="inbox"),
+    path("c/<int:pk>/", views.conversation_detail, name="conversation"),
+    path("c/<int:pk>/state/", views.conversation_state, name="conversation_state"),
+    path("c/<int:pk>/messages/", views.conversation_earlier, name="conversation_earlier"),
+    path("c/<int:pk>/take-over/", views.take_over, name="take_over"),
+    path("c/<int:pk>/send/", views.send, name="send"),
+    path("c/<int:pk>/hand-back/", views.hand_back, name="hand_back"),
+    path("c/<int:pk>/read/", views.mark_read, name="mark_read"),
+    path("c/<int:pk>/pause-contact/", views.pause_contact, name="pause_contact"),
+    path("c/<int:pk>/resume-contact/", views.resume_contact, name="resume_contact"),
+    path("agent/state/", views.agent_state, name="agent_state"),
+    path("agent/pause/", views.agent_pause, name="agent_pause"),
+    path("agent/resume/", views.agent_resume, name="agent_resume"),
+    path("favicon.ico", views.favicon),
     path("admin/", admin.site.urls),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
 ]

@@ -1,0 +1,344 @@
+"""The operators' pages and their htmx actions.
+
+Reads go through `conversations.selectors`, writes through
+`conversations.services`; nothing here touches a model's rows directly. Actions
+are htmx POSTs answered with out-of-band fragments (the header, the composer,
+a toast, a new bubble) rendered by the same partials as the page, with a 4xx
+status when the action was refused (htmx is configured to swap 403/409/422).
+"""
+
+from __future__ import annotations
+
+from functools import wraps
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render, resolve_url
+from django.templatetags.static import static
+from django.template.loader import render_to_string
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+
+from conversations import selectors, services
+from conversations.models import Conversation
+from conversations.services import ActionRefused, HeldByAnother
+
+NOT_ALLOWED = "You are not allowed to do this."
+
+
+def login_required(view):
+    """Django's login_required, but an htmx request is told to load the login page."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args, **kwargs):
+        if request.user.is_authenticated:
+            return view(request, *args, **kwargs)
+        if request.htmx:
+            current = request.htmx.current_url_abs_path or request.get_full_path()
+            response = HttpResponse(status=401)
+            response["HX-Redirect"] = (
+                f"{resolve_url(settings.LOGIN_URL)}?{urlencode({'next': current})}"
+            )
+            return response
+        return redirect_to_login(request.get_full_path())
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- pages
+
+
+def _int(value, default: int | None = None) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _inbox_context(request: HttpRequest, *, path: str) -> dict:
+    f = selectors.inbox_filter_key(request.GET.get("f"))
+    q = (request.GET.get("q") or "").strip()[:100]
+    page = max(1, _int(request.GET.get("page"), 1) or 1)
+    rows, has_more = selectors.inbox_page(user=request.user, filter=f, q=q, page=page)
+    more_query = urlencode({k: v for k, v in (("f", f), ("q", q), ("page", page + 1)) if v})
+    return {
+        "filters": selectors.INBOX_FILTERS,
+        "f": f,
+        "q": q,
+        "page": page,
+        "rows": rows,
+        "has_more": has_more,
+        "inbox_path": path,
+        "more_url": f"{path}?{more_query}",
+    }
+
+
+def _inbox_fragment(request: HttpRequest, ctx: dict) -> HttpResponse | None:
+    """The inbox's own htmx requests (tabs, search, load more), on any page that shows it."""
+    if not request.htmx:
+        return None
+    if request.htmx.target == "inbox-body":
+        return render(request, "conversations/_inbox_body.html", ctx)
+    if request.htmx.target == "inbox-more":
+        return render(request, "conversations/_inbox_rows.html", ctx)
+    return None
+
+
+def _live_url(*, since: float, conversation_id: int | None = None, after: int = 0) -> str:
+    params = {}
+    if conversation_id:
+        params = {"conversation": conversation_id, "after": after}
+    params["since"] = f"{since:.3f}"
+    return f"/ws/live/?{urlencode(params)}"
+
+
+@login_required
+@require_GET
+def inbox(request: HttpRequest) -> HttpResponse:
+    since = timezone.now().timestamp()  # before any read: the socket catches up from here
+    ctx = _inbox_context(request, path=request.path)
+    fragment = _inbox_fragment(request, ctx)
+    if fragment is not None:
+        return fragment
+    ctx.update(live_since=since, live_url=_live_url(since=since))
+    return render(request, "conversations/inbox.html", ctx)
+
+
+def _conversation_or_404(pk: int) -> Conversation:
+    try:
+        return selectors.conversation_get(pk)
+    except Conversation.DoesNotExist:
+        raise Http404("No such conversation.") from None
+
+
+def _conversation_context(request: HttpRequest, conversation: Conversation, **extra) -> dict:
+    return {
+        "conversation": conversation,
+        "st": selectors.conversation_state(conversation=conversation, user=request.user),
+        "max_length": settings.MESSAGE_MAX_LENGTH,
+        **extra,
+    }
+
+
+@login_required
+@require_GET
+def conversation_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    since = timezone.now().timestamp()
+    ctx = _inbox_context(request, path=request.path)
+    fragment = _inbox_fragment(request, ctx)
+    if fragment is not None:
+        return fragment
+    conversation = _conversation_or_404(pk)
+    if conversation.held_by_id == request.user.pk and conversation.unread_count:
+        services.conversation_mark_read(conversation=conversation, operator=request.user)
+    messages, has_earlier = selectors.conversation_messages(conversation_id=pk)
+    after = messages[-1].pk if messages else 0
+    ctx.update(
+        _conversation_context(request, conversation),
+        messages=messages,
+        has_earlier=has_earlier,
+        live_since=since,
+        live_url=_live_url(since=since, conversation_id=pk, after=after),
+    )
+    return render(request, "conversations/conversation.html", ctx)
+
+
+@login_required
+@require_GET
+def conversation_state(request: HttpRequest, pk: int) -> HttpResponse:
+    """This user's header and composer, out of band: fetched when a live update says so."""
+    conversation = _conversation_or_404(pk)
+    return _state_response(request, conversation)
+
+
+@login_required
+@require_GET
+def conversation_earlier(request: HttpRequest, pk: int) -> HttpResponse:
+    """Older messages, for the "Load earlier" button at the top of a long history."""
+    conversation = _conversation_or_404(pk)
+    messages, has_earlier = selectors.conversation_messages(
+        conversation_id=pk, before=_int(request.GET.get("before"))
+    )
+    return render(
+        request,
+        "conversations/_earlier.html",
+        {"conversation": conversation, "messages": messages, "has_earlier": has_earlier},
+    )
+
+
+@login_required
+@require_GET
+def agent_state(request: HttpRequest) -> HttpResponse:
+    """This user's agent banner (the kill switch's buttons depend on their permission)."""
+    return render(request, "conversations/_agent_state.html")
+
+
+def favicon(request: HttpRequest) -> HttpResponse:
+    """Browsers ask for /favicon.ico whatever the page says."""
+    return redirect(static("favicon.svg"))
+
+
+# ---------------------------------------------------------------- actions
+
+
+def _toast(message: str, level: str = "error") -> str:
+    return render_to_string("conversations/_toast.html", {"message": message, "level": level})
+
+
+def _state_response(
+    request: HttpRequest,
+    conversation: Conversation,
+    *,
+    status: int = 200,
+    error: str = "",
+    draft: str | None = None,
+    toast: str = "",
+    toast_level: str = "info",
+    extra: str = "",
+) -> HttpResponse:
+    """The conversation's header and composer for this user, plus any toast or bubble."""
+    ctx = _conversation_context(request, conversation, oob=True, error=error, draft=draft)
+    html = render_to_string("conversations/_conversation_state.html", ctx, request=request)
+    if toast:
+        html += _toast(toast, toast_level)
+    return HttpResponse(html + extra, status=status)
+
+
+def _refusal(exc: Exception) -> tuple[int, str]:
+    """The HTTP status and the human message for a service's refusal."""
+    if isinstance(exc, PermissionDenied):
+        return 403, str(exc) or NOT_ALLOWED
+    if isinstance(exc, ValidationError):
+        return 422, " ".join(exc.messages)
+    return 409, str(exc)  # ActionRefused, HeldByAnother
+
+
+REFUSALS = (PermissionDenied, ValidationError, ActionRefused)
+
+
+def _conversation_action(request: HttpRequest, pk: int, action, *, done: str = "") -> HttpResponse:
+    conversation = _conversation_or_404(pk)
+    try:
+        action(conversation)
+    except REFUSALS as exc:
+        status, message = _refusal(exc)
+        conversation = _conversation_or_404(pk)
+        return _state_response(
+            request, conversation, status=status, toast=message, toast_level="error"
+        )
+    conversation = _conversation_or_404(pk)
+    return _state_response(request, conversation, toast=done)
+
+
+def _force(request: HttpRequest) -> bool:
+    return request.POST.get("force") in ("1", "true", "on")
+
+
+@login_required
+@require_POST
+def take_over(request: HttpRequest, pk: int) -> HttpResponse:
+    return _conversation_action(
+        request,
+        pk,
+        lambda c: services.conversation_take_over(
+            conversation=c, operator=request.user, force=_force(request)
+        ),
+    )
+
+
+@login_required
+@require_POST
+def hand_back(request: HttpRequest, pk: int) -> HttpResponse:
+    return _conversation_action(
+        request,
+        pk,
+        lambda c: services.conversation_hand_back(
+            conversation=c, operator=request.user, force=_force(request)
+        ),
+    )
+
+
+@login_required
+@require_POST
+def send(request: HttpRequest, pk: int) -> HttpResponse:
+    conversation = _conversation_or_404(pk)
+    text = request.POST.get("text", "")
+    try:
+        message = services.conversation_send(
+            conversation=conversation, operator=request.user, text=text
+        )
+    except REFUSALS as exc:
+        status, error = _refusal(exc)
+        conversation = _conversation_or_404(pk)
+        # The composer keeps what was typed, with the reason beside it.
+        return _state_response(request, conversation, status=status, error=error, draft=text)
+    conversation = _conversation_or_404(pk)
+    bubble = render_to_string("conversations/_message_live.html", {"message": message, "new": True})
+    return _state_response(request, conversation, draft="", extra=bubble)
+
+
+@login_required
+@require_POST
+def mark_read(request: HttpRequest, pk: int) -> HttpResponse:
+    """The holder is looking at the conversation as new messages arrive."""
+    conversation = _conversation_or_404(pk)
+    services.conversation_mark_read(conversation=conversation, operator=request.user)
+    return HttpResponse(status=204)
+
+
+@login_required
+@require_POST
+def pause_contact(request: HttpRequest, pk: int) -> HttpResponse:
+    return _conversation_action(
+        request,
+        pk,
+        lambda c: services.contact_pause(
+            contact_phone=c.contact_phone, operator=request.user, agent_id=c.agent_id
+        ),
+        done="Pausing the AI for this contact… waiting for Pinecall.",
+    )
+
+
+@login_required
+@require_POST
+def resume_contact(request: HttpRequest, pk: int) -> HttpResponse:
+    return _conversation_action(
+        request,
+        pk,
+        lambda c: services.contact_resume(
+            contact_phone=c.contact_phone, operator=request.user, agent_id=c.agent_id
+        ),
+        done="Resuming the AI for this contact… waiting for Pinecall.",
+    )
+
+
+def _agent_action(request: HttpRequest, action, *, done: str) -> HttpResponse:
+    status, toast, level = 200, done, "info"
+    try:
+        action(operator=request.user)
+    except REFUSALS as exc:
+        status, toast = _refusal(exc)
+        level = "error"
+    html = render_to_string(
+        "conversations/_agent_state.html", {"oob": True}, request=request
+    ) + _toast(toast, level)
+    return HttpResponse(html, status=status)
+
+
+@login_required
+@require_POST
+def agent_pause(request: HttpRequest) -> HttpResponse:
+    return _agent_action(
+        request, services.agent_pause, done="Pausing the AI everywhere… waiting for Pinecall."
+    )
+
+
+@login_required
+@require_POST
+def agent_resume(request: HttpRequest) -> HttpResponse:
+    return _agent_action(
+        request, services.agent_resume, done="Resuming the AI everywhere… waiting for Pinecall."
+    )

@@ -1,0 +1,436 @@
+/* The dashboard's own few lines of JavaScript; htmx and its ws extension do the rest.
+ *
+ * - the live socket reconnects with the page's current position (after, since);
+ * - live inbox rows are moved into place and filtered as the page's list is;
+ * - a message the page already shows is replaced, never shown twice;
+ * - relative times and the 24-hour window are refreshed each minute;
+ * - the composer: Enter sends, Shift+Enter new line, counter, cleared on success;
+ * - a styled confirmation dialog for hx-confirm, toasts, keyboard shortcuts.
+ */
+(function () {
+  "use strict";
+
+  var body = document.body;
+  var me = body.dataset.userId || "";
+  var conversationId = body.dataset.conversation || "";
+
+  function $(sel, root) { return (root || document).querySelector(sel); }
+  function $$(sel, root) { return Array.prototype.slice.call((root || document).querySelectorAll(sel)); }
+
+  // ------------------------------------------------------------ the server's clock
+
+  var cursor0 = $("#live-cursor");
+  var clockOffset = 0; // server seconds minus this browser's
+  if (cursor0 && cursor0.dataset.since) {
+    clockOffset = parseFloat(cursor0.dataset.since) - Date.now() / 1000;
+    if (!isFinite(clockOffset) || Math.abs(clockOffset) < 5) clockOffset = 0;
+  }
+  function serverNow() { return Date.now() / 1000 + clockOffset; }
+
+  // ------------------------------------------------------------ the live socket
+
+  function newestMessageId() {
+    var list = conversationId && document.getElementById("messages-" + conversationId);
+    var max = 0;
+    if (list) {
+      $$("[data-msg-id]", list).forEach(function (el) {
+        var id = parseInt(el.dataset.msgId, 10);
+        if (id > max) max = id;
+      });
+    }
+    return max;
+  }
+
+  /* The ws extension reconnects with the URL it first read: bring `after` (the
+   * newest message shown) and `since` (the last catch-up's server time) up to date,
+   * so the consumer's catch-up sends exactly what this page missed. */
+  function liveUrl(url) {
+    var u = new URL(url, location.href);
+    if (u.searchParams.get("conversation")) u.searchParams.set("after", String(newestMessageId()));
+    var cursor = $("#live-cursor");
+    if (cursor && cursor.dataset.since) u.searchParams.set("since", cursor.dataset.since);
+    return u.toString();
+  }
+
+  if (window.htmx) {
+    htmx.createWebSocket = function (url) {
+      var socket = new WebSocket(liveUrl(url), []);
+      socket.binaryType = htmx.config.wsBinaryType;
+      return socket;
+    };
+  }
+
+  function setLive(state, label) {
+    var el = $("#live-status");
+    if (!el) return;
+    el.dataset.state = state;
+    $(".live-label", el).textContent = label;
+  }
+
+  document.addEventListener("htmx:wsConnecting", function () { setLive("connecting", "Connecting…"); });
+  document.addEventListener("htmx:wsOpen", function () { setLive("live", "Live"); });
+  document.addEventListener("htmx:wsClose", function (e) {
+    var code = e.detail && e.detail.event ? e.detail.event.code : 0;
+    if (code >= 4000 && code < 5000) { setLive("off", "Signed out · reload"); return; }
+    setLive("offline", "Reconnecting…");
+    // The extension retries abnormal closes only; a server going away retries too.
+    if ((code === 1000 || code === 1001 || code === 1005) && e.detail.socketWrapper) {
+      setTimeout(function () { e.detail.socketWrapper.reconnect(); }, 1000 + Math.random() * 2000);
+    }
+  });
+
+  document.addEventListener("htmx:wsAfterMessage", function () {
+    absorbIncomingRows();
+    var sync = $("#inbox-sync[data-refresh]");
+    if (sync) {
+      sync.removeAttribute("data-refresh");
+      refreshInbox();
+    }
+  });
+
+  // ------------------------------------------------------------ messages
+
+  function thread() { return conversationId ? document.getElementById("thread-" + conversationId) : null; }
+  function nearBottom(el) { return el && el.scrollHeight - el.scrollTop - el.clientHeight < 120; }
+  function scrollToBottom() { var t = thread(); if (t) t.scrollTop = t.scrollHeight; }
+
+  var readTimer = null;
+  function markReadSoon() {
+    var header = conversationId && document.getElementById("conv-header-" + conversationId);
+    if (!header || header.dataset.holder !== "me" || document.hidden) return;
+    clearTimeout(readTimer);
+    readTimer = setTimeout(function () {
+      htmx.ajax("POST", "/c/" + conversationId + "/read/", { swap: "none", source: header });
+    }, 800);
+  }
+
+  document.addEventListener("htmx:oobBeforeSwap", function (e) {
+    var target = e.detail.target;
+    if (!target || !target.classList || !target.classList.contains("messages")) return;
+    // A new line for the conversation: replace a bubble the page already shows
+    // (catch-up and the live stream may both send it) instead of adding it twice.
+    var fragment = e.detail.fragment;
+    var stick = nearBottom(thread());
+    var mine = false, fromCustomer = false;
+    Array.prototype.slice.call(fragment.children || []).forEach(function (el) {
+      if (!el.id) return;
+      var existing = document.getElementById(el.id);
+      if (existing) existing.replaceWith(el);
+      else {
+        if (el.dataset.author === "customer") fromCustomer = true;
+        if (el.dataset.author === "human") mine = true;
+      }
+    });
+    $$("[data-empty]", target).forEach(function (el) { el.remove(); });
+    if (fromCustomer) markReadSoon();
+    if (stick || mine) requestAnimationFrame(scrollToBottom);
+  });
+
+  // The failed bubble offers its text back to the composer.
+  document.addEventListener("click", function (e) {
+    var button = e.target.closest && e.target.closest("[data-retry]");
+    if (!button) return;
+    var bubble = button.closest(".msg");
+    var text = bubble ? ($(".msg-text", bubble) || {}).textContent || "" : "";
+    var box = document.getElementById("composer-text-" + button.dataset.retry);
+    if (!box) { toast("Take the conversation over again to resend this message.", "warn"); return; }
+    box.value = box.value ? box.value + "\n" + text : text;
+    composerChanged(box);
+    saveDraft(box);
+    box.focus();
+  });
+
+  // ------------------------------------------------------------ the inbox
+
+  function rowKey(row) { return [parseFloat(row.dataset.sort) || 0, parseInt(row.dataset.conv, 10) || 0]; }
+  function newer(a, b) { return a[0] !== b[0] ? a[0] > b[0] : a[1] > b[1]; }
+
+  function digits(s) { return (s || "").replace(/\D/g, ""); }
+
+  function matchesFilter(row, list, wasListed) {
+    var f = list.dataset.filter || "active";
+    var active = row.dataset.state === "active";
+    var ok;
+    if (f === "needs") ok = active && row.dataset.needs === "1";
+    else if (f === "mine") ok = !!me && row.dataset.heldBy === me;
+    else if (f === "ended") ok = !active;
+    else ok = active;
+    var q = list.dataset.q || "";
+    if (ok && q && !wasListed) {
+      // The server also searched every message's text; here only what the row shows.
+      var hay = row.dataset.search || "";
+      ok = hay.indexOf(q) >= 0 || (digits(q).length > 2 && digits(hay).indexOf(digits(q)) >= 0);
+    }
+    return ok;
+  }
+
+  /* Opening a conversation keeps the inbox's filter and search beside it. */
+  function listQuery() {
+    var list = $("#inbox-list");
+    var query = list ? list.dataset.query : "";
+    return query ? "?" + query : "";
+  }
+
+  function personalize(root) {
+    var query = listQuery();
+    $$(".back").forEach(function (a) { a.setAttribute("href", "/" + query); });
+    $$(".row", root).concat(root.classList && root.classList.contains("row") ? [root] : []).forEach(function (row) {
+      row.setAttribute("href", "/c/" + row.dataset.conv + "/" + query);
+      row.classList.toggle("is-active", row.dataset.conv === conversationId);
+      row.classList.toggle("is-mine", !!me && row.dataset.heldBy === me);
+      var name = $(".holder-name", row);
+      if (name) name.textContent = row.dataset.heldBy === me ? "You" : name.dataset.holderName;
+      if (row.dataset.conv === conversationId) row.setAttribute("aria-current", "page");
+    });
+    refreshTimes(root);
+  }
+
+  function placeRow(row) {
+    var list = $("#inbox-list");
+    if (!list) return;
+    var old = list.querySelector("#" + CSS.escape(row.id));
+    if (old) old.remove();
+    if (!matchesFilter(row, list, !!old)) return;
+    var key = rowKey(row);
+    var before = null;
+    var rows = $$(".row", list);
+    for (var i = 0; i < rows.length; i++) {
+      if (newer(key, rowKey(rows[i]))) { before = rows[i]; break; }
+    }
+    var more = $("#inbox-more", list);
+    if (!before && more && !old) return; // it belongs to a page not loaded yet
+    list.insertBefore(row, before || more || null);
+    $$("[data-empty]", list).forEach(function (el) { el.remove(); });
+    personalize(row);
+    if (!old || old.dataset.sort !== row.dataset.sort) {
+      row.classList.add("is-fresh");
+      setTimeout(function () { row.classList.remove("is-fresh"); }, 1600);
+    }
+  }
+
+  function absorbIncomingRows() {
+    var box = $("#inbox-incoming");
+    if (!box) return;
+    Array.prototype.slice.call(box.children).forEach(function (row) {
+      row.remove();
+      if (row.classList.contains("row")) placeRow(row);
+    });
+  }
+
+  function refreshInbox() {
+    if (!$("#inbox-body")) return;
+    htmx.ajax("GET", location.pathname + location.search, { target: "#inbox-body", swap: "innerHTML" });
+  }
+
+  // "Load more" may bring a row that moved up meanwhile: keep the first one.
+  function dedupeRows() {
+    var seen = {};
+    $$("#inbox-list .row").forEach(function (row) {
+      if (seen[row.id]) row.remove();
+      else seen[row.id] = true;
+    });
+  }
+
+  document.addEventListener("htmx:afterSwap", function (e) {
+    dedupeRows();
+    if (e.detail.target && e.detail.target.id === "inbox-body") personalize(document.body);
+  });
+
+  // ------------------------------------------------------------ relative times
+
+  function compact(seconds) {
+    seconds = Math.max(0, Math.floor(seconds));
+    if (seconds < 60) return "now";
+    if (seconds < 3600) return Math.floor(seconds / 60) + "m";
+    if (seconds < 86400) return Math.floor(seconds / 3600) + "h";
+    return Math.floor(seconds / 86400) + "d";
+  }
+  function hoursMinutes(seconds) {
+    var minutes = Math.floor(Math.max(0, seconds) / 60);
+    var hours = Math.floor(minutes / 60);
+    minutes = minutes % 60;
+    return hours ? hours + "h " + (minutes < 10 ? "0" : "") + minutes + "m" : minutes + "m";
+  }
+  /* Keep in step with window_info() in dashboard/templatetags/ui.py. */
+  function windowInfo(ts) {
+    var elapsed = serverNow() - ts;
+    var left = 86400 - elapsed;
+    if (left <= 0) return { state: "closed", text: "Window closed" };
+    if (left < 7200) return { state: "closing", text: hoursMinutes(left) + " left" };
+    return { state: "open", text: "Customer " + compact(elapsed) + (elapsed < 60 ? "" : " ago") };
+  }
+
+  function refreshTimes(root) {
+    $$("[data-ts][data-format]", root || document).forEach(function (el) {
+      var ts = parseFloat(el.dataset.ts);
+      if (!ts) return;
+      if (el.dataset.format === "ago") {
+        el.textContent = compact(serverNow() - ts);
+      } else if (el.dataset.format === "window") {
+        var w = windowInfo(ts);
+        el.classList.remove("win-open", "win-closing", "win-closed");
+        el.classList.add("win-" + w.state);
+        var text = $(".win-text", el);
+        if (text) text.textContent = w.text;
+      }
+    });
+  }
+  setInterval(function () { refreshTimes(document); }, 30000);
+
+  // ------------------------------------------------------------ the composer
+
+  function composerChanged(box) {
+    var form = box.form;
+    var counter = form && $("[data-counter]", form);
+    if (counter) {
+      var max = parseInt(counter.dataset.max, 10) || 4096;
+      counter.textContent = box.value.length + " / " + max;
+      counter.classList.toggle("is-near", box.value.length > max * 0.9);
+    }
+    box.style.height = "auto";
+    box.style.height = Math.min(box.scrollHeight + 2, 220) + "px";
+  }
+
+  /* Drafts survive a reload, or the composer going away (someone took the
+   * conversation over while you typed): kept per conversation for this tab. */
+  function draftKey(box) { return "draft:" + box.id; }
+  function saveDraft(box) {
+    try {
+      if (box.value) sessionStorage.setItem(draftKey(box), box.value);
+      else sessionStorage.removeItem(draftKey(box));
+    } catch (err) { /* storage full or disabled: nothing to keep */ }
+  }
+  function restoreDraft(box) {
+    try {
+      var draft = sessionStorage.getItem(draftKey(box));
+      if (draft && !box.value) box.value = draft;
+    } catch (err) { /* ignore */ }
+  }
+
+  document.addEventListener("input", function (e) {
+    if (e.target.matches && e.target.matches("[data-composer] textarea")) {
+      composerChanged(e.target);
+      saveDraft(e.target);
+    }
+  });
+
+  function isTyping(el) {
+    return el && (el.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(el.tagName));
+  }
+
+  document.addEventListener("keydown", function (e) {
+    var t = e.target;
+    if (t.matches && t.matches("[data-composer] textarea") && e.key === "Enter" &&
+        !e.shiftKey && !e.altKey && !e.ctrlKey && !e.metaKey && !e.isComposing) {
+      e.preventDefault();
+      if (t.value.trim()) t.form.requestSubmit();
+      return;
+    }
+    if (e.key === "/" && !isTyping(t) && !e.ctrlKey && !e.metaKey) {
+      var search = $("#inbox-q");
+      if (search && search.offsetParent !== null) { e.preventDefault(); search.focus(); search.select(); }
+    }
+    if (e.key === "Escape" && t.id === "inbox-q" && t.value) {
+      t.value = "";
+      htmx.trigger(t.form, "submit");
+    }
+  });
+
+  document.addEventListener("htmx:afterRequest", function (e) {
+    // The send form may be swapped out by its own answer: recognise the request by its path.
+    var path = (e.detail.pathInfo && e.detail.pathInfo.requestPath) || "";
+    if (/\/send\/$/.test(path) && e.detail.successful) {
+      // The form was swapped out; the textarea (hx-preserve) lives on in the new one.
+      var box = $("[data-composer] textarea");
+      if (box) { box.value = ""; saveDraft(box); composerChanged(box); box.focus(); }
+      requestAnimationFrame(scrollToBottom);
+    }
+    if (e.detail.failed && e.detail.xhr) {
+      var text = e.detail.xhr.responseText || "";
+      if (e.detail.xhr.status && text.indexOf("hx-swap-oob") < 0 && !e.detail.xhr.getResponseHeader("HX-Redirect")) {
+        toast(e.detail.xhr.status === 403
+          ? "The page's session expired or you are not allowed to do this. Reload the page."
+          : "Something went wrong (" + e.detail.xhr.status + "). Try again, or reload the page.", "error");
+      }
+    }
+  });
+  document.addEventListener("htmx:sendError", function () {
+    toast("Can't reach the server. Check your connection and try again.", "error");
+  });
+
+  // ------------------------------------------------------------ confirmations
+
+  document.addEventListener("htmx:confirm", function (e) {
+    if (!e.detail.question) return;
+    var dialog = $("#confirm-dialog");
+    if (!dialog || !dialog.showModal) return; // the browser's confirm() then
+    e.preventDefault();
+    var elt = e.detail.elt;
+    $("#confirm-text", dialog).textContent = e.detail.question;
+    var label = (elt.dataset.confirmLabel || elt.textContent || "Confirm").trim();
+    $("#confirm-title", dialog).textContent = label + "?";
+    var ok = $("#confirm-ok", dialog);
+    ok.textContent = label;
+    ok.className = "btn " + (/danger|warn/.test(elt.className) ? "btn-danger" : "btn-primary");
+    dialog.returnValue = "";
+    dialog.addEventListener("close", function onClose() {
+      dialog.removeEventListener("close", onClose);
+      if (dialog.returnValue === "ok") e.detail.issueRequest(true);
+    });
+    dialog.showModal();
+  });
+
+  // ------------------------------------------------------------ toasts
+
+  function toast(message, level) {
+    var box = $("#toasts");
+    if (!box) return;
+    var el = document.createElement("div");
+    el.className = "toast toast-" + (level || "info");
+    el.setAttribute("role", level === "error" ? "alert" : "status");
+    el.textContent = message;
+    box.appendChild(el);
+  }
+
+  function armToast(el) {
+    if (el.dataset.armed) return;
+    el.dataset.armed = "1";
+    if (el.dataset.forUser && el.dataset.forUser !== me) { el.remove(); return; }
+    var close = document.createElement("button");
+    close.type = "button";
+    close.className = "toast-close";
+    close.setAttribute("aria-label", "Dismiss");
+    close.textContent = "×";
+    close.addEventListener("click", function () { el.remove(); });
+    el.appendChild(close);
+    var life = el.classList.contains("toast-error") ? 12000 : 5000;
+    setTimeout(function () {
+      el.classList.add("is-leaving");
+      setTimeout(function () { el.remove(); }, 300);
+    }, life);
+  }
+
+  var toastBox = $("#toasts");
+  if (toastBox && window.MutationObserver) {
+    new MutationObserver(function () { $$(".toast", toastBox).forEach(armToast); })
+      .observe(toastBox, { childList: true });
+  }
+
+  // ------------------------------------------------------------ on every new piece of page
+
+  if (window.htmx) {
+    htmx.onLoad(function (root) {
+      personalize(root);
+      $$("[data-composer] textarea", root).forEach(function (box) {
+        restoreDraft(box);
+        composerChanged(box);
+      });
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    scrollToBottom();
+    var active = conversationId && document.getElementById("row-" + conversationId);
+    if (active && active.scrollIntoView) active.scrollIntoView({ block: "nearest" });
+  });
+})();

@@ -1,0 +1,259 @@
+"""The operators' live socket, through the real ASGI application (origin check,
+session auth, routing) with channels' WebsocketCommunicator.
+
+The channel layer is the in-memory one, or Redis when REDIS_URL is set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import channel_layers, get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.db import connections
+from django.test import Client
+
+from conversations import services
+from conversations.live import OPERATORS_GROUP, conversation_group
+from dashboard.asgi import application
+from tests.factories import (
+    ConversationFactory,
+    MessageFactory,
+    OperatorFactory,
+    SupervisorFactory,
+    ViewerFactory,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = "http://127.0.0.1:8000"
+
+
+@pytest.fixture(autouse=True)
+def fresh_channel_layer():
+    """A channel layer per test: its queues belong to the test's event loop."""
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
+
+
+@pytest.fixture(autouse=True)
+async def close_thread_connections():
+    """The ORM calls ran on asgiref's thread: close its connection before the flush."""
+    yield
+    await sync_to_async(connections.close_all)()
+
+
+def session_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies["sessionid"].value
+
+
+@pytest.fixture
+def ana(db):
+    return OperatorFactory(first_name="Ana", last_name="Silva")
+
+
+@pytest.fixture
+def ana_cookie(ana):
+    return session_cookie(ana)
+
+
+def socket(path: str, cookie: str | None = None, origin: str | None = ORIGIN) -> WebsocketCommunicator:
+    headers = [(b"host", b"127.0.0.1")]
+    if origin:
+        headers.append((b"origin", origin.encode()))
+    if cookie:
+        headers.append((b"cookie", f"sessionid={cookie}".encode()))
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+async def receive_until_cursor(comm: WebsocketCommunicator) -> list[str]:
+    """Everything the consumer sends on connect: the catch-up, ending with the cursor."""
+    received = []
+    while True:
+        html = await comm.receive_from(timeout=3)
+        received.append(html)
+        if 'id="live-cursor"' in html:
+            return received
+
+
+async def test_anonymous_is_refused():
+    comm = socket("/ws/live/")
+    connected, code = await comm.connect()
+    assert not connected
+    assert code == 4401
+
+
+async def test_cross_origin_is_refused(ana_cookie):
+    comm = socket("/ws/live/", ana_cookie, origin="http://evil.example.com")
+    connected, _ = await comm.connect()
+    assert not connected
+
+
+async def test_missing_origin_is_refused(ana_cookie):
+    comm = socket("/ws/live/", ana_cookie, origin=None)
+    connected, _ = await comm.connect()
+    assert not connected
+
+
+async def test_logged_in_operator_is_accepted_and_catches_up(ana_cookie):
+    comm = socket("/ws/live/", ana_cookie)
+    connected, _ = await comm.connect()
+    assert connected
+    first = await receive_until_cursor(comm)
+    # No `since`: the page knows nothing, so it gets the agent's state and a cursor.
+    assert any('id="agent-state"' in html and 'hx-swap-oob="true"' in html for html in first)
+    assert 'data-since="' in first[-1]
+    await comm.disconnect()
+
+
+async def test_a_viewer_may_watch_without_buttons(db):
+    viewer = await sync_to_async(ViewerFactory)()
+    cookie = await sync_to_async(session_cookie)(viewer)
+    conversation = await sync_to_async(ConversationFactory)()
+    comm = socket(f"/ws/live/?conversation={conversation.pk}&after=0", cookie)
+    connected, _ = await comm.connect()
+    assert connected
+    received = "\n".join(await receive_until_cursor(comm))
+    assert f'id="conv-header-{conversation.pk}"' in received
+    assert "take-over" not in received and "/agent/pause/" not in received
+    assert "Replying needs the operator permission" in received
+    await comm.disconnect()
+
+
+async def test_a_supervisor_gets_the_kill_switch_on_catch_up(db):
+    supervisor = await sync_to_async(SupervisorFactory)()
+    comm = socket("/ws/live/", await sync_to_async(session_cookie)(supervisor))
+    assert (await comm.connect())[0]
+    received = "\n".join(await receive_until_cursor(comm))
+    assert 'id="agent-state"' in received and 'hx-post="/agent/pause/"' in received
+    await comm.disconnect()
+
+
+async def test_forwards_what_the_groups_receive(ana_cookie):
+    conversation = await sync_to_async(ConversationFactory)()
+    since = time.time()
+    comm = socket(f"/ws/live/?conversation={conversation.pk}&after=0&since={since}", ana_cookie)
+    assert (await comm.connect())[0]
+    await receive_until_cursor(comm)
+    layer = get_channel_layer()
+    await layer.group_send(OPERATORS_GROUP, {"type": "live.html", "html": "<div id='a'>to all</div>"})
+    assert await comm.receive_from(timeout=3) == "<div id='a'>to all</div>"
+    await layer.group_send(
+        conversation_group(conversation.pk), {"type": "live.html", "html": "<div id='b'>one</div>"}
+    )
+    assert await comm.receive_from(timeout=3) == "<div id='b'>one</div>"
+    # Another conversation's group is not joined.
+    await layer.group_send(conversation_group(conversation.pk + 1), {"type": "live.html", "html": "x"})
+    assert await comm.receive_nothing(timeout=0.3)
+    await comm.disconnect()
+
+
+async def test_a_service_call_reaches_the_page(ana, ana_cookie):
+    conversation = await sync_to_async(ConversationFactory)()
+    comm = socket(f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}", ana_cookie)
+    assert (await comm.connect())[0]
+    await receive_until_cursor(comm)
+
+    await sync_to_async(services.conversation_take_over)(conversation=conversation, operator=ana)
+    received = [await comm.receive_from(timeout=3), await comm.receive_from(timeout=3)]
+    joined = "\n".join(received)
+    # The header: each browser fetches its own; the inbox row: moved into place by app.js.
+    assert f'id="conv-sync-{conversation.pk}"' in joined
+    assert f'hx-get="/c/{conversation.pk}/state/"' in joined
+    assert 'id="inbox-incoming" hx-swap-oob="beforeend"' in joined
+    assert f'id="row-{conversation.pk}"' in joined and "taking over…" in joined
+    await comm.disconnect()
+
+
+async def test_a_customer_message_is_pushed_escaped(ana_cookie):
+    from conversations import ingest
+
+    conversation = await sync_to_async(ConversationFactory)()
+    comm = socket(f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}", ana_cookie)
+    assert (await comm.connect())[0]
+    await receive_until_cursor(comm)
+    await sync_to_async(ingest.ingest_customer_message)(
+        agent_id=conversation.agent_id,
+        session_id=conversation.session_id,
+        contact_phone=conversation.contact_phone,
+        message_id="wamid.xss",
+        text="<script>alert(1)</script>",
+    )
+    bubble = await comm.receive_from(timeout=3)
+    assert f'id="messages-{conversation.pk}" hx-swap-oob="beforeend"' in bubble
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in bubble and "<script>" not in bubble
+    row = await comm.receive_from(timeout=3)
+    assert f'id="row-{conversation.pk}"' in row and "<script>" not in row
+    await comm.disconnect()
+
+
+async def test_catch_up_sends_messages_newer_than_after(ana_cookie):
+    conversation = await sync_to_async(ConversationFactory)()
+    messages = [
+        await sync_to_async(MessageFactory)(conversation=conversation, text=f"line {i}")
+        for i in range(5)
+    ]
+    after = messages[1].pk
+    comm = socket(
+        f"/ws/live/?conversation={conversation.pk}&after={after}&since={time.time()}", ana_cookie
+    )
+    assert (await comm.connect())[0]
+    received = await receive_until_cursor(comm)
+    bubbles = [html for html in received if 'hx-swap-oob="beforeend"' in html and "messages-" in html]
+    assert [f'id="msg-{m.pk}"' in html for m, html in zip(messages[2:], bubbles, strict=True)] == [
+        True
+    ] * 3
+    assert "line 1" not in "".join(received)
+    await comm.disconnect()
+
+
+async def test_catch_up_after_a_long_gap_sends_state_rows_and_ticks(ana_cookie):
+    conversation = await sync_to_async(ConversationFactory)()
+    message = await sync_to_async(MessageFactory)(conversation=conversation, ai=True, status="read")
+    other = await sync_to_async(ConversationFactory)(contact_name="Changed Meanwhile")
+    long_ago = time.time() - 3600
+    comm = socket(
+        f"/ws/live/?conversation={conversation.pk}&after={message.pk}&since={long_ago}", ana_cookie
+    )
+    assert (await comm.connect())[0]
+    received = "\n".join(await receive_until_cursor(comm))
+    # The tick that moved while the page was away replaces its bubble.
+    assert f'id="msg-{message.pk}"' in received and "tick-read" in received
+    # This user's header and composer, rendered for them (no extra request).
+    assert f'id="conv-header-{conversation.pk}" data-holder="ai"' in received
+    assert f'id="composer-{conversation.pk}"' in received
+    assert f'id="row-{other.pk}"' in received and "Changed Meanwhile" in received
+    assert 'id="agent-state"' in received
+    await comm.disconnect()
+
+
+async def test_bad_query_parameters_are_ignored(ana_cookie):
+    comm = socket("/ws/live/?conversation=abc&after=-&since=nan", ana_cookie)
+    assert (await comm.connect())[0]
+    assert 'id="live-cursor"' in (await receive_until_cursor(comm))[-1]
+    await comm.disconnect()
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="the in-memory layer never times out")
+async def test_an_idle_socket_stays_connected_on_redis(ana_cookie):
+    """An operator's page is idle for minutes: the consumer must outlive Redis's blocking reads.
+
+    channels_redis waits 5 s per BZPOPMIN; redis-py 8's default socket_timeout is also 5 s,
+    so without a longer socket_timeout in CHANNEL_LAYERS the read times out and the
+    consumer dies (the browser reconnects every few seconds).
+    """
+    comm = socket(f"/ws/live/?since={time.time()}", ana_cookie)
+    assert (await comm.connect())[0]
+    await receive_until_cursor(comm)
+    assert await comm.receive_nothing(timeout=7, interval=0.5)
+    await get_channel_layer().group_send(
+        OPERATORS_GROUP, {"type": "live.html", "html": "<div id='still'>here</div>"}
+    )
+    assert await comm.receive_from(timeout=3) == "<div id='still'>here</div>"
+    await comm.disconnect()
