@@ -166,11 +166,20 @@ def stack(tmp_path_factory):
             import redis
 
             redis.Redis.from_url(env["REDIS_URL"]).flushdb()
-        for name, command in [
-            ("daphne", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                        "dashboard.asgi:application"]),
-            ("worker", [sys.executable, "manage.py", "runworker", "pinecall"]),
-        ]:
+        if env.get("REDIS_URL"):
+            # Production's shape: Daphne and the worker as separate processes over Redis.
+            commands = {
+                "daphne": [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                           "dashboard.asgi:application"],
+                "worker": [sys.executable, "manage.py", "runworker", "pinecall"],
+            }
+        else:
+            # Embedded: one process, so the in-process channel layer reaches every socket.
+            commands = {
+                "serve": [sys.executable, "manage.py", "serve", "--port", str(port),
+                          "--no-simulator"],
+            }
+        for name, command in commands.items():
             log = (tmp / f"{name}.log").open("wb")
             stack.processes.append(
                 subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

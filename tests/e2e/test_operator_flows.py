@@ -1,0 +1,196 @@
+"""Operators' flows in a real Chromium against Daphne, the worker and the simulator."""
+
+import itertools
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+_phones = itertools.count(34655500001)
+
+
+def new_contact() -> str:
+    return str(next(_phones))
+
+
+def open_conversation(page, stack, phone: str) -> None:
+    pk = stack.shell(
+        "from conversations.models import Conversation\n"
+        f"print(Conversation.objects.filter(contact_phone={phone!r}).latest('started_at').pk)"
+    )
+    page.goto(f"{stack.base_url}/c/{pk}/")
+
+
+def wait_stored(stack, phone: str, text: str) -> None:
+    """Wait until the worker has stored the customer's message (it may take a moment)."""
+    code = (
+        "import time\n"
+        "from conversations.models import Message\n"
+        "for _ in range(100):\n"
+        f"    if Message.objects.filter(text={text!r}, conversation__contact_phone={phone!r}).exists():\n"
+        "        break\n"
+        "    time.sleep(0.1)\n"
+        "else:\n"
+        "    raise SystemExit('not stored')\n"
+    )
+    stack.shell(code)
+
+
+@pytest.fixture(scope="module")
+def operators(stack):
+    return {
+        "ana": stack.create_user("ana", role="Supervisors", first_name="Ana"),
+        "bruno": stack.create_user("bruno", role="Operators", first_name="Bruno"),
+    }
+
+
+def test_an_anonymous_browser_lands_on_the_login_page(new_page, stack):
+    page = new_page()
+    page.goto(f"{stack.base_url}/")
+    expect(page).to_have_url(re.compile(r"/login/\?next=/$"))
+    expect(page.locator("input[name=password]")).to_be_visible()
+
+
+def test_a_customer_message_appears_without_reload(new_page, stack, operators):
+    page = new_page(username="ana")
+    page.evaluate("window.__sameDocument = true")
+    phone, token = new_contact(), uuid.uuid4().hex[:8]
+
+    stack.sim.customer_says(phone=phone, name="Live Lena", text=f"Hello {token}")
+    expect(page.locator("body")).to_contain_text(f"Hello {token}", timeout=15_000)
+    expect(page.locator("body")).to_contain_text("Live Lena")
+
+    page.get_by_text("Live Lena").first.click()
+    page.evaluate("window.__sameDocument = true")
+    stack.sim.customer_says(phone=phone, text=f"Second {token}")
+    expect(page.locator("[data-author=customer]").last).to_contain_text(f"Second {token}")
+    assert page.evaluate("window.__sameDocument === true"), "the page reloaded"
+
+
+def test_take_over_send_and_hand_back_from_the_browser(new_page, stack, operators):
+    phone = new_contact()
+    session_id = stack.sim.customer_says(phone=phone, name="Hugo Held", text="I need a person")[
+        "session_id"
+    ]
+    wait_stored(stack, phone, "I need a person")
+    page = new_page(username="ana")
+    open_conversation(page, stack, phone)
+
+    page.click("[data-action=take-over]")
+    stack.sim.wait_for("session.pause", session_id=session_id)
+    expect(page.locator("[data-badge]")).to_contain_text("You hold", timeout=15_000)
+    assert stack.sim.sim.is_paused(session_id)
+
+    composer = page.locator("textarea[name=text]")
+    composer.fill("Hi Hugo, Ana here.")
+    composer.press("Shift+Enter")
+    composer.type("How can I help?")
+    composer.press("Enter")
+    frame = stack.sim.wait_for("session.send", session_id=session_id)
+    assert frame["text"] == "Hi Hugo, Ana here.\nHow can I help?"
+    assert frame["contact"] == phone
+    human = page.locator("[data-author=human]").last
+    expect(human).to_contain_text("How can I help?")
+    expect(human).to_contain_text("Ana")
+    expect(composer).to_have_value("")
+    history = stack.sim.sim.session_history(session_id)
+    assert any(
+        e["role"] == "assistant" and e["content"] == "Hi Hugo, Ana here.\nHow can I help?"
+        for e in history
+    )
+
+    page.click("[data-action=hand-back]")
+    stack.sim.wait_for("session.resume", session_id=session_id)
+    expect(page.locator("[data-badge]")).to_contain_text("AI", timeout=15_000)
+    expect(page.locator(".note").last).to_contain_text("Handed back")
+
+
+def test_a_second_operator_sees_the_holder_change_live(new_page, stack, operators):
+    phone = new_contact()
+    session_id = stack.sim.customer_says(phone=phone, name="Two Ops", text="hello both")[
+        "session_id"
+    ]
+    wait_stored(stack, phone, "hello both")
+    ana, bruno = new_page(username="ana"), new_page(username="bruno")
+    open_conversation(ana, stack, phone)
+    open_conversation(bruno, stack, phone)
+    expect(bruno.locator("[data-action=take-over]")).to_be_visible()
+
+    ana.click("[data-action=take-over]")
+    stack.sim.wait_for("session.pause", session_id=session_id)
+    expect(bruno.locator("[data-badge]")).to_contain_text("Ana", timeout=15_000)
+    expect(bruno.locator("textarea[name=text]")).to_have_count(0)
+    take_from_ana = bruno.locator("[data-action=take-over-force]")
+    expect(take_from_ana).to_be_visible()
+
+    # Bruno must confirm explicitly; then he holds it and Ana sees that live.
+    take_from_ana.click()
+    dialog = bruno.locator("#confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("Ana holds this conversation")
+    dialog.locator("#confirm-ok").click()
+    expect(bruno.locator("[data-badge]")).to_contain_text("You hold", timeout=15_000)
+    expect(ana.locator("[data-badge]")).to_contain_text("Bruno", timeout=15_000)
+
+
+def test_html_from_a_customer_is_shown_as_text_and_never_runs(new_page, stack, operators):
+    phone = new_contact()
+    payload = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+    stack.sim.customer_says(phone=phone, name="<b>Mallory</b>", text=payload)
+    wait_stored(stack, phone, payload)
+    page = new_page(username="ana")
+    expect(page.locator("body")).to_contain_text("<b>Mallory</b>")
+    open_conversation(page, stack, phone)
+    bubble = page.locator("[data-author=customer]").last
+    expect(bubble).to_contain_text(payload)
+    assert bubble.locator("img, script").count() == 0
+    # And live: a second one pushed over the socket.
+    stack.sim.customer_says(phone=phone, text=payload + " again")
+    expect(page.locator("[data-author=customer]").last).to_contain_text(payload + " again")
+    assert page.locator("[data-author=customer] img").count() == 0
+    assert page.dialogs == [], "customer HTML ran"
+
+
+def test_screenshots_for_the_readme(new_page, stack, operators):
+    """The inbox and a conversation held by an operator, at desktop and phone widths."""
+    DOCS.mkdir(exist_ok=True)
+    phone = new_contact()
+    session_id = stack.sim.customer_says(
+        phone=phone, name="Sofía Reyes", text="Hi! My order #48213 arrived damaged, the box was crushed."
+    )["session_id"]
+    stack.sim.customer_says(phone=phone, type="audio", text="I'd like a replacement, not a refund please.")
+    stack.sim.customer_says(phone=phone, text="Can I talk to a real person?")
+    wait_stored(stack, phone, "Can I talk to a real person?")
+    page = new_page(username="ana")
+    open_conversation(page, stack, phone)
+    page.click("[data-action=take-over]")
+    stack.sim.wait_for("session.pause", session_id=session_id)
+    expect(page.locator("[data-badge]")).to_contain_text("You hold", timeout=15_000)
+    composer = page.locator("textarea[name=text]")
+    composer.fill("Hi Sofía, I'm Ana from the support team. I'm sorry about that! A replacement is on its way today.")
+    composer.press("Enter")
+    expect(page.locator("[data-author=human]").last).to_contain_text("replacement is on its way")
+    stack.sim.customer_says(phone=phone, text="Thank you so much!")
+    expect(page.locator("[data-author=customer]").last).to_contain_text("Thank you so much!")
+    page.wait_for_timeout(800)  # let the read ticks arrive
+    page.screenshot(path=str(DOCS / "screenshot-desktop.png"))
+    url = page.url
+
+    phone_page = new_page(username="ana", width=390, height=844)
+    phone_page.screenshot(path=str(DOCS / "screenshot-inbox-phone.png"))
+    phone_page.goto(url)
+    phone_page.wait_for_timeout(500)
+    phone_page.screenshot(path=str(DOCS / "screenshot-conversation-phone.png"))
+    page.goto(f"{stack.base_url}/")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(DOCS / "screenshot-inbox-desktop.png"))
+    for name in [
+        "screenshot-desktop.png",
+        "screenshot-inbox-desktop.png",
+        "screenshot-inbox-phone.png",
+        "screenshot-conversation-phone.png",
+    ]:
+        assert (DOCS / name).stat().st_size > 10_000
