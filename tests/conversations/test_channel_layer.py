@@ -35,4 +35,4 @@ async def test_an_idle_receive_outlives_the_redis_client_read_timeout(redis_url)
     assert not receive.done(), receive.exception()
     await layer.send(channel, {"type": "outbox.wake"})
     assert (await asyncio.wait_for(receive, 5))["type"] == "outbox.wake"
-    await layer.flush()
+    await layer.close_pools()
