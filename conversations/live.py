@@ -249,6 +249,8 @@ def catch_up(
         else:
             out.extend(render_inbox_row(row) for row in rows)
     state = selectors.agent_state_for_display(settings.PINECALL_AGENT_ID)
-    out.append(render_agent_state_for(state, user) if user is not None else render_agent_state(state))
+    out.append(
+        render_agent_state_for(state, user) if user is not None else render_agent_state(state)
+    )
     out.append(render_cursor(now))
     return out

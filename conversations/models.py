@@ -78,11 +78,15 @@ class Conversation(models.Model):
             models.Index(fields=["held_by", "-last_message_at"], name="conv_held_by_activity"),
             models.Index(fields=["contact_phone", "-started_at"], name="conv_contact"),
             models.Index(fields=["agent_id", "state"], name="conv_agent_state"),
+            # The "Needs a human" filter, the same predicate as the selector's.
             models.Index(
                 fields=["-last_message_at"],
                 name="conv_needs_human",
-                condition=models.Q(needs_human=True, state="active"),
+                condition=models.Q(state="active")
+                & (models.Q(needs_human=True) | models.Q(ai_paused=True, held_by__isnull=True)),
             ),
+            # A reconnecting browser asks for the rows changed since it last heard.
+            models.Index(fields=["updated_at"], name="conv_updated"),
         ]
         permissions = [
             ("take_over_conversation", "Can take over, reply to and hand back conversations"),

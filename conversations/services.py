@@ -249,7 +249,7 @@ def conversation_mark_read(*, conversation: Conversation, operator: AbstractBase
     """The holder has seen the conversation: its unread count drops to zero."""
     updated = Conversation.objects.filter(
         pk=conversation.pk, held_by=operator, unread_count__gt=0
-    ).update(unread_count=0)
+    ).update(unread_count=0, updated_at=timezone.now())  # catch-up reads updated_at
     if updated:
         conversation.unread_count = 0
         live.after_commit(live.conversation_changed, conversation)

@@ -24,7 +24,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from conversations import selectors, services
 from conversations.models import Conversation
-from conversations.services import ActionRefused, HeldByAnother
+from conversations.services import ActionRefused
 
 NOT_ALLOWED = "You are not allowed to do this."
 
@@ -199,7 +199,12 @@ def _state_response(
     toast_level: str = "info",
     extra: str = "",
 ) -> HttpResponse:
-    """The conversation's header and composer for this user, plus any toast or bubble."""
+    """The conversation's header and composer for this user, plus any toast or bubble.
+
+    A plain form post (a click before htmx had wired the form) gets the page back.
+    """
+    if not request.htmx:
+        return redirect("conversation", pk=conversation.pk)
     ctx = _conversation_context(request, conversation, oob=True, error=error, draft=draft)
     html = render_to_string("conversations/_conversation_state.html", ctx, request=request)
     if toast:

@@ -30,7 +30,9 @@ CUSTOMER_NAMES = [
 
 def grant(user, *codenames: str) -> None:
     """Give `user` the conversations app's permissions by codename."""
-    perms = Permission.objects.filter(content_type__app_label="conversations", codename__in=codenames)
+    perms = Permission.objects.filter(
+        content_type__app_label="conversations", codename__in=codenames
+    )
     user.user_permissions.add(*perms)
     # has_perm caches per instance: forget what it knew.
     for attr in ("_perm_cache", "_user_perm_cache", "_group_perm_cache"):

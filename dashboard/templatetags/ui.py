@@ -8,6 +8,7 @@ two must agree: keep `ago()` and `window_chip()` in step with `fmtAgo()` and
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 from django import template
@@ -105,10 +106,11 @@ def display_name(user) -> str:
 
 @register.filter
 def initials(conversation) -> str:
-    name = (conversation.contact_name or "").strip()
-    if name:
-        parts = name.split()
-        letters = parts[0][:1] + (parts[-1][:1] if len(parts) > 1 else "")
+    name = re.sub(r"<[^>]*>", " ", conversation.contact_name or "")  # "<b>Mallory</b>": M
+    words = ["".join(ch for ch in word if ch.isalnum()) for word in name.split()]
+    words = [word for word in words if word]
+    if words:
+        letters = words[0][:1] + (words[-1][:1] if len(words) > 1 else "")
         return letters.upper()
     digits = "".join(ch for ch in conversation.contact_phone if ch.isdigit())
     return digits[-2:] or "?"

@@ -67,12 +67,19 @@
     $(".live-label", el).textContent = label;
   }
 
+  var failedConnects = 0;
   document.addEventListener("htmx:wsConnecting", function () { setLive("connecting", "Connecting…"); });
-  document.addEventListener("htmx:wsOpen", function () { setLive("live", "Live"); });
+  document.addEventListener("htmx:wsOpen", function () { failedConnects = 0; setLive("live", "Live"); });
   document.addEventListener("htmx:wsClose", function (e) {
     var code = e.detail && e.detail.event ? e.detail.event.code : 0;
     if (code >= 4000 && code < 5000) { setLive("off", "Signed out · reload"); return; }
     setLive("offline", "Reconnecting…");
+    // A socket refused again and again may be a session that expired: an htmx GET
+    // then answers with the way to the login page (HX-Redirect).
+    failedConnects += 1;
+    if (failedConnects === 3 && $("#agent-state")) {
+      htmx.ajax("GET", "/agent/state/", { target: "#agent-state", swap: "outerHTML" });
+    }
     // The extension retries abnormal closes only; a server going away retries too.
     if ((code === 1000 || code === 1001 || code === 1005) && e.detail.socketWrapper) {
       setTimeout(function () { e.detail.socketWrapper.reconnect(); }, 1000 + Math.random() * 2000);
@@ -323,7 +330,8 @@
     if (t.matches && t.matches("[data-composer] textarea") && e.key === "Enter" &&
         !e.shiftKey && !e.altKey && !e.ctrlKey && !e.metaKey && !e.isComposing) {
       e.preventDefault();
-      if (t.value.trim()) t.form.requestSubmit();
+      // A composer swapped in a moment ago may not be wired by htmx yet.
+      if (t.value.trim()) { htmx.process(t.form); htmx.trigger(t.form, "submit"); }
       return;
     }
     if (e.key === "/" && !isTyping(t) && !e.ctrlKey && !e.metaKey) {
@@ -336,15 +344,25 @@
     }
   });
 
-  document.addEventListener("htmx:afterRequest", function (e) {
-    // The send form may be swapped out by its own answer: recognise the request by its path.
-    var path = (e.detail.pathInfo && e.detail.pathInfo.requestPath) || "";
-    if (/\/send\/$/.test(path) && e.detail.successful) {
-      // The form was swapped out; the textarea (hx-preserve) lives on in the new one.
+  /* Clearing the composer once a send is accepted. A state refresh can swap the
+   * send form out while its request is in flight, and htmx's events for a
+   * detached form never reach the document: so listen on the request itself. */
+  document.addEventListener("htmx:beforeRequest", function (e) {
+    var form = e.detail.elt;
+    if (!form.matches || !form.matches("[data-composer]")) return;
+    var sent = ($("textarea", form) || {}).value || "";
+    var xhr = e.detail.xhr;
+    xhr.addEventListener("load", function () {
+      if (xhr.status < 200 || xhr.status >= 300) return; // the answer shows why; text kept
       var box = $("[data-composer] textarea");
-      if (box) { box.value = ""; saveDraft(box); composerChanged(box); box.focus(); }
+      // Only what was sent: anything typed since stays.
+      if (box && box.value.trim() === sent.trim()) box.value = "";
+      if (box) { saveDraft(box); composerChanged(box); box.focus(); }
       requestAnimationFrame(scrollToBottom);
-    }
+    });
+  });
+
+  document.addEventListener("htmx:afterRequest", function (e) {
     if (e.detail.failed && e.detail.xhr) {
       var text = e.detail.xhr.responseText || "";
       if (e.detail.xhr.status && text.indexOf("hx-swap-oob") < 0 && !e.detail.xhr.getResponseHeader("HX-Redirect")) {

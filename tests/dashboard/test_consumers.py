@@ -63,7 +63,9 @@ def ana_cookie(ana):
     return session_cookie(ana)
 
 
-def socket(path: str, cookie: str | None = None, origin: str | None = ORIGIN) -> WebsocketCommunicator:
+def socket(
+    path: str, cookie: str | None = None, origin: str | None = ORIGIN
+) -> WebsocketCommunicator:
     headers = [(b"host", b"127.0.0.1")]
     if origin:
         headers.append((b"origin", origin.encode()))
@@ -87,18 +89,21 @@ async def test_anonymous_is_refused():
     connected, code = await comm.connect()
     assert not connected
     assert code == 4401
+    await comm.disconnect()  # let the refused consumer finish
 
 
 async def test_cross_origin_is_refused(ana_cookie):
     comm = socket("/ws/live/", ana_cookie, origin="http://evil.example.com")
     connected, _ = await comm.connect()
     assert not connected
+    await comm.disconnect()
 
 
 async def test_missing_origin_is_refused(ana_cookie):
     comm = socket("/ws/live/", ana_cookie, origin=None)
     connected, _ = await comm.connect()
     assert not connected
+    await comm.disconnect()
 
 
 async def test_logged_in_operator_is_accepted_and_catches_up(ana_cookie):
@@ -142,21 +147,26 @@ async def test_forwards_what_the_groups_receive(ana_cookie):
     assert (await comm.connect())[0]
     await receive_until_cursor(comm)
     layer = get_channel_layer()
-    await layer.group_send(OPERATORS_GROUP, {"type": "live.html", "html": "<div id='a'>to all</div>"})
+    await layer.group_send(
+        OPERATORS_GROUP, {"type": "live.html", "html": "<div id='a'>to all</div>"}
+    )
     assert await comm.receive_from(timeout=3) == "<div id='a'>to all</div>"
     await layer.group_send(
         conversation_group(conversation.pk), {"type": "live.html", "html": "<div id='b'>one</div>"}
     )
     assert await comm.receive_from(timeout=3) == "<div id='b'>one</div>"
     # Another conversation's group is not joined.
-    await layer.group_send(conversation_group(conversation.pk + 1), {"type": "live.html", "html": "x"})
+    await layer.group_send(
+        conversation_group(conversation.pk + 1), {"type": "live.html", "html": "x"}
+    )
     assert await comm.receive_nothing(timeout=0.3)
     await comm.disconnect()
 
 
 async def test_a_service_call_reaches_the_page(ana, ana_cookie):
     conversation = await sync_to_async(ConversationFactory)()
-    comm = socket(f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}", ana_cookie)
+    path = f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}"
+    comm = socket(path, ana_cookie)
     assert (await comm.connect())[0]
     await receive_until_cursor(comm)
 
@@ -175,7 +185,8 @@ async def test_a_customer_message_is_pushed_escaped(ana_cookie):
     from conversations import ingest
 
     conversation = await sync_to_async(ConversationFactory)()
-    comm = socket(f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}", ana_cookie)
+    path = f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}"
+    comm = socket(path, ana_cookie)
     assert (await comm.connect())[0]
     await receive_until_cursor(comm)
     await sync_to_async(ingest.ingest_customer_message)(
@@ -205,7 +216,7 @@ async def test_catch_up_sends_messages_newer_than_after(ana_cookie):
     )
     assert (await comm.connect())[0]
     received = await receive_until_cursor(comm)
-    bubbles = [html for html in received if 'hx-swap-oob="beforeend"' in html and "messages-" in html]
+    bubbles = [h for h in received if 'hx-swap-oob="beforeend"' in h and "messages-" in h]
     assert [f'id="msg-{m.pk}"' in html for m, html in zip(messages[2:], bubbles, strict=True)] == [
         True
     ] * 3

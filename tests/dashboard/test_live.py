@@ -76,7 +76,9 @@ class TestBroadcasts:
         operator = OperatorFactory()
         conversation = ConversationFactory()
         command = services.conversation_take_over(conversation=conversation, operator=operator)
-        command = services.command_fail(command=command, code="PINECALL_ERROR", message="Agent offline")
+        command = services.command_fail(
+            command=command, code="PINECALL_ERROR", message="Agent offline"
+        )
         conv = listen(layer, live.conversation_group(conversation.pk))
         live.command_changed(command)
         html = received(layer, conv)
@@ -99,7 +101,9 @@ class TestCatchUp:
     def test_messages_newer_than_after(self):
         conversation = ConversationFactory()
         messages = [MessageFactory(conversation=conversation) for _ in range(4)]
-        out = live.catch_up(conversation_id=conversation.pk, after=messages[1].pk, since=time.time())
+        out = live.catch_up(
+            conversation_id=conversation.pk, after=messages[1].pk, since=time.time()
+        )
         joined = "".join(out)
         assert f'id="msg-{messages[2].pk}"' in joined and f'id="msg-{messages[3].pk}"' in joined
         assert f'id="msg-{messages[1].pk}"' not in joined

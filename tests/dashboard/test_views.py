@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import re
+
 import pytest
 from django.test import Client
 from django.utils import timezone
 
 from conversations.models import AgentState, Command, ContactPause, Conversation, Message
-from tests.factories import (
-    ConversationFactory,
-    MessageFactory,
-    OperatorFactory,
-    SupervisorFactory,
-    ViewerFactory,
-)
+from tests.factories import ConversationFactory, MessageFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -37,7 +33,9 @@ def refreshed(obj):
 
 
 class TestLogin:
-    @pytest.mark.parametrize("url", ["/", "/c/1/", "/c/1/state/", "/c/1/messages/", "/agent/state/"])
+    @pytest.mark.parametrize(
+        "url", ["/", "/c/1/", "/c/1/state/", "/c/1/messages/", "/agent/state/"]
+    )
     def test_pages_redirect_to_login(self, client, url):
         response = client.get(url)
         assert response.status_code == 302
@@ -68,7 +66,9 @@ class TestLogin:
         page = client.get("/login/")
         assert page.status_code == 200
         assert b"Sign in" in page.content
-        response = client.post("/login/", {"username": operator.username, "password": "pass-word-123"})
+        response = client.post(
+            "/login/", {"username": operator.username, "password": "pass-word-123"}
+        )
         assert response.status_code == 302
         assert response["Location"] == "/"
 
@@ -117,7 +117,9 @@ class TestInbox:
 
     def test_window_warning_and_closed_mark(self, operator_client):
         now = timezone.now()
-        closing = ConversationFactory(last_customer_message_at=now - timedelta(hours=22, minutes=30))
+        closing = ConversationFactory(
+            last_customer_message_at=now - timedelta(hours=22, minutes=30)
+        )
         closed = ConversationFactory(last_customer_message_at=now - timedelta(hours=25))
         fresh = ConversationFactory(last_customer_message_at=now - timedelta(minutes=5))
         body = operator_client.get("/").content.decode()
@@ -125,9 +127,8 @@ class TestInbox:
         def row(c):
             return body.split(f'id="row-{c.pk}"')[1].split("</a>")[0]
 
-        assert "win-closing" in row(closing) and "1h 29m left" in row(closing) or "1h 30m left" in row(
-            closing
-        )
+        assert "win-closing" in row(closing)
+        assert "1h 29m left" in row(closing) or "1h 30m left" in row(closing)
         assert "win-closed" in row(closed) and "Window closed" in row(closed)
         assert "win-open" in row(fresh) and "Customer 5m ago" in row(fresh)
         assert f'data-ts="{int(fresh.last_customer_message_at.timestamp())}"' in row(fresh)
@@ -137,12 +138,15 @@ class TestInbox:
         flagged = ConversationFactory(contact_name="Asked For Human", needs_human=True)
         orphan = ConversationFactory(contact_name="Paused Nobody", ai_paused=True)
         mine = ConversationFactory(contact_name="Held By Me", held=True, held_by=operator)
-        theirs = ConversationFactory(contact_name="Held By Bruno", held=True, held_by=other_operator)
+        theirs = ConversationFactory(
+            contact_name="Held By Bruno", held=True, held_by=other_operator
+        )
         ended = ConversationFactory(contact_name="Long Gone", ended=True)
 
         def names(f):
             body = operator_client.get(f"/?f={f}").content.decode()
-            return {c.contact_name for c in Conversation.objects.all() if f'id="row-{c.pk}"' in body}
+            shown = Conversation.objects.all()
+            return {c.contact_name for c in shown if f'id="row-{c.pk}"' in body}
 
         assert names("active") == {c.contact_name for c in (active, flagged, orphan, mine, theirs)}
         assert names("needs") == {flagged.contact_name, orphan.contact_name}
@@ -192,7 +196,9 @@ class TestInbox:
         assert 'hx-ext="ws"' in body
         assert 'ws-connect="/ws/live/?since=' in body
         assert 'id="live-cursor" data-since="' in body
-        assert "django_htmx/htmx-2.min.js" in body and "django_htmx/ext/hx-ws-2.min.js" in body
+        # Hashed names once collectstatic has run, plain ones before.
+        assert re.search(r"django_htmx/htmx-2\.min(\.[0-9a-f]{12})?\.js", body)
+        assert re.search(r"django_htmx/ext/hx-ws-2\.min(\.[0-9a-f]{12})?\.js", body)
         assert "X-CSRFToken" in body
 
 
@@ -205,7 +211,9 @@ class TestConversationPage:
         MessageFactory(conversation=c, text="Where is my order?")
         MessageFactory(conversation=c, ai=True, text="Let me check.", status="read")
         MessageFactory(conversation=c, note=True, text="Ana Silva took over")
-        MessageFactory(conversation=c, human=True, operator=operator, text="I'm on it", status="delivered")
+        MessageFactory(
+            conversation=c, human=True, operator=operator, text="I'm on it", status="delivered"
+        )
         MessageFactory(conversation=c, voice=True, text="it was supposed to come monday")
         MessageFactory(conversation=c, image=True, text="the broken box")
         MessageFactory(conversation=c, type="document", text="invoice.pdf")
@@ -242,9 +250,11 @@ class TestConversationPage:
         earlier = operator_client.get(
             f"/c/{c.pk}/messages/?before={messages[15].pk}", **HX
         ).content.decode()
-        assert earlier.count('class="msg ') == 10 and "line 5" in earlier and "line 15" not in earlier
+        assert earlier.count('class="msg ') == 10
+        assert "line 5" in earlier and "line 15" not in earlier
         assert f"before={messages[5].pk}" in earlier
-        oldest = operator_client.get(f"/c/{c.pk}/messages/?before={messages[5].pk}").content.decode()
+        oldest = operator_client.get(f"/c/{c.pk}/messages/?before={messages[5].pk}")
+        oldest = oldest.content.decode()
         assert oldest.count('class="msg ') == 5 and "data-earlier" not in oldest
 
     def test_missing_conversation_is_404(self, operator_client):
@@ -339,7 +349,8 @@ class TestStateView:
 
     def test_paused_with_nobody_holding(self, operator_client):
         c = ConversationFactory(ai_paused=True)
-        assert "AI paused · nobody holds this" in operator_client.get(f"/c/{c.pk}/state/").content.decode()
+        body = operator_client.get(f"/c/{c.pk}/state/").content.decode()
+        assert "AI paused · nobody holds this" in body
 
 
 # ---------------------------------------------------------------- permissions and CSRF
@@ -365,12 +376,17 @@ class TestPermissions:
         assert "You are not allowed to do this." in response.content.decode()
         assert not Command.objects.exists()
 
-    @pytest.mark.parametrize("url", ["/c/{pk}/pause-contact/", "/c/{pk}/resume-contact/", "/agent/pause/", "/agent/resume/"])
+    @pytest.mark.parametrize(
+        "url",
+        ["/c/{pk}/pause-contact/", "/c/{pk}/resume-contact/", "/agent/pause/", "/agent/resume/"],
+    )
     def test_operator_cannot_pause_contacts_or_the_agent(self, operator_client, conversation, url):
         assert post(operator_client, url.format(pk=conversation.pk)).status_code == 403
         assert not Command.objects.exists()
 
-    def test_only_supervisors_see_pause_buttons(self, operator_client, supervisor_client, conversation):
+    def test_only_supervisors_see_pause_buttons(
+        self, operator_client, supervisor_client, conversation
+    ):
         operator_page = operator_client.get(f"/c/{conversation.pk}/").content.decode()
         supervisor_page = supervisor_client.get(f"/c/{conversation.pk}/").content.decode()
         for url in ("/agent/pause/", f"/c/{conversation.pk}/pause-contact/"):
@@ -451,7 +467,8 @@ class TestTakeOver:
         c = ConversationFactory(ended=True)
         response = post(operator_client, f"/c/{c.pk}/take-over/")
         assert response.status_code == 409
-        assert "This conversation has ended; there is nothing to take over." in response.content.decode()
+        body = response.content.decode()
+        assert "This conversation has ended; there is nothing to take over." in body
         assert not Command.objects.exists()
 
 
@@ -464,7 +481,8 @@ class TestSend:
         response = post(operator_client, f"/c/{held.pk}/send/", {"text": "Hello from Ana"})
         assert response.status_code == 200
         message = Message.objects.get(conversation=held, author="human")
-        assert (message.text, message.status, message.operator) == ("Hello from Ana", "pending", operator)
+        assert (message.text, message.status) == ("Hello from Ana", "pending")
+        assert message.operator == operator
         command = Command.objects.get(kind="send")
         assert command.message == message and command.text == "Hello from Ana"
         body = response.content.decode()
@@ -501,7 +519,9 @@ class TestSend:
 
     def test_closed_window_is_refused(self, operator_client, operator):
         c = ConversationFactory(
-            held=True, held_by=operator, last_customer_message_at=timezone.now() - timedelta(hours=25)
+            held=True,
+            held_by=operator,
+            last_customer_message_at=timezone.now() - timedelta(hours=25),
         )
         response = post(operator_client, f"/c/{c.pk}/send/", {"text": "hello?"})
         assert response.status_code == 409
@@ -509,7 +529,9 @@ class TestSend:
 
     def test_composer_shows_closed_window(self, operator_client, operator):
         c = ConversationFactory(
-            held=True, held_by=operator, last_customer_message_at=timezone.now() - timedelta(hours=25)
+            held=True,
+            held_by=operator,
+            last_customer_message_at=timezone.now() - timedelta(hours=25),
         )
         body = operator_client.get(f"/c/{c.pk}/").content.decode()
         assert "the customer must write first" in body
@@ -551,7 +573,9 @@ class TestContactAndAgent:
         )
         assert "Pausing contact…" in response.content.decode()
 
-        ContactPause.objects.create(agent_id=conversation.agent_id, contact_phone=conversation.contact_phone)
+        ContactPause.objects.create(
+            agent_id=conversation.agent_id, contact_phone=conversation.contact_phone
+        )
         Command.objects.update(status="confirmed")
         page = supervisor_client.get(f"/c/{conversation.pk}/").content.decode()
         assert "Contact paused" in page and "Resume contact" in page
@@ -600,6 +624,8 @@ def _count_queries(client, url, **extra) -> int:
 
 
 class TestQueryCounts:
+    """The inbox and a conversation cost the same queries for 10 rows or 200."""
+
     MAX = 12
 
     def _inbox_data(self, n, operator, other):
@@ -615,8 +641,19 @@ class TestQueryCounts:
             )
             MessageFactory(conversation=c)
 
+    def _history(self, conversation, n, operator):
+        for i in range(n):
+            MessageFactory(
+                conversation=conversation,
+                human=(i % 3 == 0),
+                ai=(i % 3 == 1),
+                operator=operator if i % 3 == 0 else None,
+            )
+
     @pytest.mark.parametrize("url", ["/", "/?f=needs", "/?f=mine", "/?f=ended", "/?q=message"])
-    def test_inbox(self, supervisor_client, supervisor, other_operator, url, django_assert_max_num_queries):
+    def test_inbox(
+        self, supervisor_client, supervisor, other_operator, url, django_assert_max_num_queries
+    ):
         self._inbox_data(10, supervisor, other_operator)
         with django_assert_max_num_queries(self.MAX):
             small = _count_queries(supervisor_client, url)
@@ -625,17 +662,17 @@ class TestQueryCounts:
             large = _count_queries(supervisor_client, url)
         assert small == large
 
-    def test_conversation_page(self, supervisor_client, supervisor, other_operator, settings, django_assert_max_num_queries):
+    def test_conversation_page(
+        self, supervisor_client, supervisor, other_operator, settings, django_assert_max_num_queries
+    ):
         settings.CONVERSATION_PAGE_SIZE = 50
         self._inbox_data(10, supervisor, other_operator)
         c = ConversationFactory(held=True, held_by=supervisor)
-        for i in range(10):
-            MessageFactory(conversation=c, human=(i % 3 == 0), ai=(i % 3 == 1), operator=other_operator if i % 3 == 0 else None)
+        self._history(c, 10, other_operator)
         with django_assert_max_num_queries(self.MAX + 2):
             small = _count_queries(supervisor_client, f"/c/{c.pk}/")
         self._inbox_data(190, supervisor, other_operator)
-        for i in range(190):
-            MessageFactory(conversation=c, human=(i % 3 == 0), ai=(i % 3 == 1), operator=other_operator if i % 3 == 0 else None)
+        self._history(c, 190, other_operator)
         with django_assert_max_num_queries(self.MAX + 2):
             large = _count_queries(supervisor_client, f"/c/{c.pk}/")
         assert small == large

@@ -38,9 +38,13 @@ PASSWORD = "e2e-password-1"
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/e2e/" in str(item.fspath):
-            item.add_marker(pytest.mark.e2e)
+    """Mark the browser tests and run them last: Playwright's sync API keeps an event
+    loop on the main thread until the session ends, which async tests cannot share."""
+    browser_tests = [item for item in items if "tests/e2e/" in str(item.fspath)]
+    for item in browser_tests:
+        item.add_marker(pytest.mark.e2e)
+        items.remove(item)
+    items.extend(browser_tests)
 
 
 def free_port() -> int:
@@ -155,6 +159,8 @@ def stack(tmp_path_factory):
         "PINECALL_URL": sim.sim.url,
         "PINECALL_API_KEY": "e2e-key",
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        # Collected like a deployment (hashed, compressed), from this checkout's files.
+        "DJANGO_STATIC_ROOT": str(tmp / "static"),
         "PYTHONUNBUFFERED": "1",
     }
     if os.environ.get("REDIS_URL"):
@@ -162,6 +168,7 @@ def stack(tmp_path_factory):
     stack = Stack(base_url=f"http://127.0.0.1:{port}", env=env, sim=sim, logs=tmp)
     try:
         stack.manage("migrate", "--noinput", "-v0")
+        stack.manage("collectstatic", "--noinput", "-v0")
         if env.get("REDIS_URL"):
             import redis
 

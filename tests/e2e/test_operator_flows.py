@@ -9,11 +9,21 @@ import pytest
 from playwright.sync_api import expect
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+expect.set_options(timeout=15_000)
 _phones = itertools.count(34655500001)
 
 
 def new_contact() -> str:
     return str(next(_phones))
+
+
+def take_over(page, stack, session_id: str) -> None:
+    """Click Take over and wait until Pinecall confirmed and the page settled."""
+    page.click("[data-action=take-over]")
+    stack.sim.wait_for("session.pause", session_id=session_id)
+    expect(page.locator("[data-badge]")).to_contain_text("You hold")
+    expect(page.locator(".note").last).to_contain_text("took over")
+    expect(page.locator(".conv-alert")).to_have_count(0)
 
 
 def open_conversation(page, stack, phone: str) -> None:
@@ -79,9 +89,7 @@ def test_take_over_send_and_hand_back_from_the_browser(new_page, stack, operator
     page = new_page(username="ana")
     open_conversation(page, stack, phone)
 
-    page.click("[data-action=take-over]")
-    stack.sim.wait_for("session.pause", session_id=session_id)
-    expect(page.locator("[data-badge]")).to_contain_text("You hold", timeout=15_000)
+    take_over(page, stack, session_id)
     assert stack.sim.sim.is_paused(session_id)
 
     composer = page.locator("textarea[name=text]")
@@ -166,9 +174,7 @@ def test_screenshots_for_the_readme(new_page, stack, operators):
     wait_stored(stack, phone, "Can I talk to a real person?")
     page = new_page(username="ana")
     open_conversation(page, stack, phone)
-    page.click("[data-action=take-over]")
-    stack.sim.wait_for("session.pause", session_id=session_id)
-    expect(page.locator("[data-badge]")).to_contain_text("You hold", timeout=15_000)
+    take_over(page, stack, session_id)
     composer = page.locator("textarea[name=text]")
     composer.fill("Hi Sofía, I'm Ana from the support team. I'm sorry about that! A replacement is on its way today.")
     composer.press("Enter")
@@ -194,3 +200,23 @@ def test_screenshots_for_the_readme(new_page, stack, operators):
         "screenshot-conversation-phone.png",
     ]:
         assert (DOCS / name).stat().st_size > 10_000
+
+
+def test_typing_right_after_take_over_is_neither_lost_nor_blocked(new_page, stack, operators):
+    """The header says "you can already write": the first reply must survive the
+    state updates that arrive while Pinecall confirms the pause."""
+    phone = new_contact()
+    session_id = stack.sim.customer_says(phone=phone, name="Quick Quinn", text="hello?")["session_id"]
+    wait_stored(stack, phone, "hello?")
+    page = new_page(username="ana")
+    open_conversation(page, stack, phone)
+    page.click("[data-action=take-over]")
+    composer = page.locator("textarea[name=text]")
+    composer.fill("Right here, Quinn!")
+    composer.press("Enter")
+    frame = stack.sim.wait_for("session.send", session_id=session_id)
+    assert frame["text"] == "Right here, Quinn!"
+    expect(page.locator("[data-author=human]").last).to_contain_text("Right here, Quinn!")
+    expect(composer).to_have_value("")
+    page.wait_for_timeout(1500)  # the confirmation's state refreshes must not bring it back
+    expect(composer).to_have_value("")

@@ -1,0 +1,381 @@
+"""latest.json, the summary table, and bench/README.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import UTC, datetime
+from importlib import metadata
+
+from bench import config, db, findings, profiling
+
+LATEST = config.RESULTS / "latest.json"
+README = config.BENCH / "README.md"
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def machine() -> tuple[str, dict]:
+    detail: dict = {"cores": os.cpu_count()}
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+        detail["memory_gib"] = round(kb / 1024 / 1024, 1)
+    except OSError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    detail["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    detail["python"] = platform.python_version()
+    for package in ("django", "channels", "daphne", "channels-redis", "redis", "psycopg",
+                    "websockets", "twisted"):
+        try:
+            detail[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        detail["postgresql"] = db.server_version()
+    except Exception:
+        pass
+    try:
+        detail["redis_server"] = db.redis_version()
+    except Exception:
+        pass
+    try:
+        detail["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=config.ROOT, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=config.ROOT,
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        if dirty:
+            detail["commit"] += " (with uncommitted changes)"
+    except Exception:
+        pass
+    text = (
+        f"{detail.get('cores')} cores, {detail.get('memory_gib')} GiB, {detail.get('cpu', '?')}; "
+        f"Python {detail['python']}, Django {detail.get('django')}, channels {detail.get('channels')}, "
+        f"daphne {detail.get('daphne')}, channels-redis {detail.get('channels-redis')}, "
+        f"redis-py {detail.get('redis')}, psycopg {detail.get('psycopg')}; "
+        f"PostgreSQL {detail.get('postgresql')}, Redis {detail.get('redis_server')}"
+    )
+    return text, detail
+
+
+# ---------------------------------------------------------------- targets
+
+
+def _get(doc, *path):
+    value = doc
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def targets(doc: dict) -> dict:
+    """Each target: what it is, the measured value, met or not (None: not measured)."""
+
+    def check(value, ok):
+        return None if value is None else bool(ok(value))
+
+    ratio = _get(doc, "fanout", "100", "ratio_p99")
+    ingest_rate = _get(doc, "ingest", "per_second")
+    stored, messages = _get(doc, "ingest", "stored"), _get(doc, "ingest", "messages")
+    take, send = _get(doc, "round_trip", "take_over", "p50_ms"), _get(doc, "round_trip", "send", "p50_ms")
+    inbox, conv = _get(doc, "pages", "inbox", "p50_ms"), _get(doc, "pages", "conversation", "p50_ms")
+    q = [
+        (_get(doc, "pages", k, "queries"), _get(doc, "pages", k, "queries_small"))
+        for k in ("inbox", "conversation")
+    ]
+    kb = _get(doc, "memory", "kb_per_socket")
+    return {
+        "fanout": {"target": "p99 at N=100 within 1.5x the floor's p99", "value": ratio,
+                   "met": check(ratio, lambda v: v <= 1.5)},
+        "ingest": {"target": ">= 1,000 messages/s", "value": ingest_rate,
+                   "met": check(ingest_rate, lambda v: v >= 1000)},
+        "ingest_exact": {"target": "stored count exact", "value": stored,
+                         "met": None if stored is None else stored == messages and bool(_get(doc, "ingest", "exact"))},
+        "round_trip_take_over": {"target": "p50 <= 25 ms", "value": take,
+                                 "met": check(take, lambda v: v <= 25)},
+        "round_trip_send": {"target": "p50 <= 25 ms", "value": send, "met": check(send, lambda v: v <= 25)},
+        "pages_inbox": {"target": "p50 <= 50 ms", "value": inbox, "met": check(inbox, lambda v: v <= 50)},
+        "pages_conversation": {"target": "p50 <= 50 ms", "value": conv, "met": check(conv, lambda v: v <= 50)},
+        "pages_queries_constant": {
+            "target": "queries per page the same at 1,000 and 100,000 conversations",
+            "value": q,
+            "met": None if any(a is None for pair in q for a in pair) else all(a == b for a, b in q),
+        },
+        "memory": {"target": "<= 100 KB per idle socket", "value": kb, "met": check(kb, lambda v: v <= 100)},
+    }
+
+
+# ---------------------------------------------------------------- the document
+
+
+def document(results: dict, *, sections: list[str], quick: bool, machine_info=None) -> dict:
+    """This run's results merged over the previous latest.json (sections not run are kept)."""
+    previous = {}
+    if LATEST.exists():
+        try:
+            previous = json.loads(LATEST.read_text())
+        except ValueError:
+            previous = {}
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    text, detail = now_info = machine()
+    if machine_info is not None:  # as it was when the run started
+        text, detail = machine_info
+        if now_info[1] != detail:  # someone changed the environment meanwhile
+            detail = {**detail, "changed_during_run": now_info[1]}
+    doc = {"at": now, "machine": text}
+    measured_at = dict(_get(previous, "run", "measured_at") or {})
+    for name in ("fanout", "ingest", "round_trip", "pages", "memory"):
+        if name in results:
+            doc[name] = results[name]
+            measured_at[name] = now + (" (quick)" if quick else "")
+        elif name in previous:
+            doc[name] = previous[name]
+    doc["targets"] = targets(doc)
+    doc["machine_detail"] = detail
+    doc["run"] = {"sections": sections, "quick": quick, "measured_at": measured_at,
+                  "py_spy": profiling.available()}
+    return doc
+
+
+def write(doc: dict) -> None:
+    config.RESULTS.mkdir(parents=True, exist_ok=True)
+    LATEST.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    README.write_text(readme(doc))
+
+
+# ---------------------------------------------------------------- text
+
+
+def _fmt(v, unit=""):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        v = f"{v:,.1f}" if abs(v) >= 100 else f"{v:.2f}".rstrip("0").rstrip(".")
+    return f"{v}{unit}"
+
+
+def _met(flag) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[flag]
+
+
+def rows(doc: dict) -> list[tuple[str, str, str, str]]:
+    t = doc.get("targets") or targets(doc)
+    out = []
+    for n in ("1", "10", "100"):
+        f = _get(doc, "fanout", n)
+        if not isinstance(f, dict) or "p50_ms" not in f:
+            out.append((f"Fan-out, N={n}", _get(doc, "fanout", "error") or "—", "", ""))
+            continue
+        out.append((
+            f"Fan-out, N={n} operators: p50 / p95 / p99",
+            f"{_fmt(f['p50_ms'])} / {_fmt(f['p95_ms'])} / {_fmt(f['p99_ms'])} ms; "
+            f"floor {_fmt(f['floor_p50_ms'])} / {_fmt(f.get('floor_p95_ms'))} / {_fmt(f['floor_p99_ms'])} ms; "
+            f"ratio p50 {_fmt(f.get('ratio_p50'))}x, p99 {_fmt(f.get('ratio_p99'))}x",
+            t["fanout"]["target"] if n == "100" else "",
+            _met(t["fanout"]["met"]) if n == "100" else "",
+        ))
+    ing = doc.get("ingest") or {}
+    out.append((
+        "Ingest: 10,000 messages / 1,000 conversations, 10 operators",
+        f"{_fmt(ing.get('per_second'))} messages/s; stored {_fmt(ing.get('stored'))} of "
+        f"{_fmt(ing.get('messages'))}" + (f" ({ing['error']})" if "error" in ing else ""),
+        ">= 1,000/s, exact count",
+        f"rate {_met(t['ingest']['met'])}; count {_met(t['ingest_exact']['met'])}",
+    ))
+    for key, label in (("take_over", "Take over"), ("send", "Send")):
+        r = _get(doc, "round_trip", key) or {}
+        out.append((
+            f"Round trip: {label}, p50 / p99",
+            f"{_fmt(r.get('p50_ms'))} / {_fmt(r.get('p99_ms'))} ms"
+            + (f" ({_get(doc, 'round_trip', 'error')})" if _get(doc, "round_trip", "error") else ""),
+            "p50 <= 25 ms",
+            _met(t[f"round_trip_{key}"]["met"]),
+        ))
+    for key, label in (("inbox", "Inbox page"), ("conversation", "Long conversation page")):
+        p = _get(doc, "pages", key) or {}
+        out.append((
+            f"{label} (100k conversations, 1M messages): p50 / p99, queries",
+            f"{_fmt(p.get('p50_ms'))} / {_fmt(p.get('p99_ms'))} ms, {_fmt(p.get('queries'))} queries "
+            f"(1k conversations: {_fmt(p.get('p50_ms_small'))} / {_fmt(p.get('p99_ms_small'))} ms, "
+            f"{_fmt(p.get('queries_small'))} queries)",
+            "p50 <= 50 ms; queries constant",
+            f"p50 {_met(t[f'pages_{key}']['met'])}; queries {_met(t['pages_queries_constant']['met'])}",
+        ))
+    m = doc.get("memory") or {}
+    out.append((
+        "Memory: one Daphne, 1,000 idle sockets",
+        f"{_fmt(m.get('kb_per_socket'))} KB per socket (RSS {_fmt(m.get('rss_before_kb'))} -> "
+        f"{_fmt(m.get('rss_after_kb'))} kB)",
+        "<= 100 KB per socket",
+        _met(t["memory"]["met"]),
+    ))
+    return out
+
+
+def table(doc: dict) -> str:
+    lines = [f"Benchmarks at {doc['at']} on {doc['machine']}", ""]
+    for name, value, target, met in rows(doc):
+        lines.append(f"* {name}")
+        lines.append(f"    {value}")
+        if target:
+            lines.append(f"    target: {target} -> {met}")
+    return "\n".join(lines)
+
+
+def markdown_table(doc: dict) -> str:
+    out = ["| Measure | Result | Target | |", "|---|---|---|---|"]
+    for name, value, target, met in rows(doc):
+        out.append(f"| {name} | {value} | {target} | {met} |")
+    return "\n".join(out)
+
+
+def _profile_block(title: str, prof: dict | None) -> str:
+    if not prof:
+        return ""
+    if "error" in prof and len(prof) == 1:
+        return f"{title}: {prof['error']}\n"
+    parts = []
+    for proc in ("worker", "daphne"):
+        if prof.get(proc):
+            parts.append(profiling.excerpt(prof[proc], f"{title}, {proc}"))
+    return "```\n" + "\n\n".join(parts) + "\n```\n" if parts else ""
+
+
+def _section_summary(doc: dict, section: str) -> str:
+    if section == "fanout":
+        parts = []
+        for n in ("1", "10", "100"):
+            f = _get(doc, "fanout", n)
+            if isinstance(f, dict) and "p50_ms" in f:
+                parts.append(f"N={n}: p50 {_fmt(f['p50_ms'])} / p99 {_fmt(f['p99_ms'])} ms "
+                             f"(floor {_fmt(f['floor_p50_ms'])} / {_fmt(f['floor_p99_ms'])})")
+        return "; ".join(parts)
+    if section == "round_trip":
+        return "; ".join(
+            f"{k.replace('_', ' ')}: p50 {_fmt(_get(doc, 'round_trip', k, 'p50_ms'))} / "
+            f"p99 {_fmt(_get(doc, 'round_trip', k, 'p99_ms'))} ms"
+            for k in ("take_over", "send") if _get(doc, "round_trip", k)
+        )
+    if section == "ingest":
+        return f"{_fmt(_get(doc, 'ingest', 'per_second'))} messages/s"
+    if section == "pages":
+        return "; ".join(f"{k}: p50 {_fmt(_get(doc, 'pages', k, 'p50_ms'))} ms" for k in ("inbox", "conversation"))
+    if section == "memory":
+        return f"{_fmt(_get(doc, 'memory', 'kb_per_socket'))} KB/socket"
+    return ""
+
+
+def variant_rows(doc: dict) -> list[str]:
+    rows_out = []
+    for path in sorted(config.RESULTS.glob("variant-*.json")):
+        try:
+            var = json.loads(path.read_text())
+        except ValueError:
+            continue
+        name = path.stem.removeprefix("variant-")
+        module = config.BENCH / "variants" / f"{name}.py"
+        what = ""
+        if module.exists():
+            text = module.read_text()
+            what = text.split('"""')[1].strip().splitlines()[0] if '"""' in text else ""
+        for section in (var.get("run") or {}).get("sections", []):
+            if section not in var:
+                continue
+            contended = _get(var, section, "load", "contended")
+            rows_out.append(
+                f"| `{name}` | {what} | {section} | {_section_summary(doc, section)} | "
+                f"{_section_summary(var, section)}{' (contended)' if contended else ''} |"
+            )
+    return rows_out
+
+
+def readme(doc: dict) -> str:
+    t = doc["targets"]
+    measured = (doc.get("run") or {}).get("measured_at") or {}
+    sections = [findings.INTRO.strip(), "", "## Latest results", "",
+                f"Run at {doc['at']} on {doc['machine']}"
+                + (f" (commit {doc['machine_detail'].get('commit')})" if doc.get("machine_detail", {}).get("commit") else "")
+                + ".", "", markdown_table(doc), ""]
+    if measured:
+        sections += ["Sections measured at: " + "; ".join(f"{k} {v}" for k, v in measured.items()) + ".", ""]
+    contended = [
+        f"{name} (other processes used {_get(doc, name, 'load', 'cores_used', 'others')} cores: "
+        f"{', '.join(_get(doc, name, 'load', 'others_top') or {})})"
+        for name in ("fanout", "round_trip", "ingest", "pages", "memory")
+        if _get(doc, name, "load", "contended")
+    ]
+    if contended:
+        sections += ["Measured while other processes used this machine (figures less reliable): "
+                     + "; ".join(contended) + ".", ""]
+
+    missed = [k for k, v in t.items() if v["met"] is False]
+    sections += ["## Where the time goes, and what would fix it", ""]
+    if not missed:
+        sections += ["Every target is met.", ""]
+    for key in missed:
+        text = findings.MISSED.get(key)
+        sections += [f"### {findings.TITLES.get(key, key)}: missed", ""]
+        if text:
+            sections += [text.strip(), ""]
+        prof = None
+        if key == "fanout":
+            prof = _get(doc, "fanout", "profile")
+            bd = _get(doc, "fanout", "breakdown_n100")
+            if bd:
+                sections += [
+                    f"Breakdown at N=100 ({bd['samples']} samples): send to row created in the worker "
+                    f"p50 {_fmt(_get(bd, 'send_to_row_created_ms', 'p50_ms'))} ms; send to all 100 sockets "
+                    f"p50 {_fmt(_get(bd, 'send_to_all_sockets_ms', 'p50_ms'))} ms.", ""]
+        elif key.startswith("ingest"):
+            prof = _get(doc, "ingest", "profile")
+        elif key.startswith("round_trip"):
+            prof = _get(doc, "round_trip", "profile")
+            for action in ("take_over", "send"):
+                steps = _get(doc, "round_trip", action, "steps") or {}
+                if steps:
+                    sections += [f"Steps of {action.replace('_', ' ')} (p50 / p99 from the POST): " + "; ".join(
+                        f"{name.replace('_', ' ')} {_fmt(v.get('p50_ms'))} / {_fmt(v.get('p99_ms'))} ms"
+                        for name, v in steps.items()) + ".", ""]
+        elif key.startswith("pages"):
+            page = "conversation" if "conversation" in key else "inbox"
+            text = _get(doc, "pages", "big", "pages", page, "profile")
+            bd = _get(doc, "pages", "render_breakdown")
+            if bd:
+                sections += ["Render breakdown (median ms, in-process, big dataset): " + "; ".join(
+                    f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in bd.items()) + ".", ""]
+            if text:
+                sections += ["pyinstrument, 10 requests:", "", "```", text.rstrip(), "```", ""]
+        block = _profile_block(findings.TITLES.get(key, key), prof)
+        if block:
+            sections += [block]
+
+    variants = variant_rows(doc)
+    if variants:
+        sections += ["## Proposed changes, measured (`--variant`)", "",
+                     "Each variant is a settings module in `bench/variants/` that imports "
+                     "`dashboard.settings` and changes one thing; `python -m bench --only SECTION "
+                     "--variant NAME` runs the same section with it (results in "
+                     "`bench/results/variant-NAME.json`). Compare with the table above; note "
+                     "whether either run was contended (other processes' CPU is in each "
+                     "section's `load`).", "",
+                     "| Variant | What it changes | Section | Baseline (latest.json) | With the variant |",
+                     "|---|---|---|---|---|", *variants, ""]
+    sections += ["## Other findings (outside the targets)", "", findings.OTHER.strip(), ""]
+    sections += [findings.METHOD.strip(), ""]
+    return "\n".join(sections).rstrip() + "\n"

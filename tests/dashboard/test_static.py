@@ -1,0 +1,21 @@
+"""Static files: plain names before collectstatic, hashed names after it."""
+
+from django.contrib.staticfiles.storage import staticfiles_storage
+from django.core.management import call_command
+from django.test import override_settings
+
+
+def test_plain_names_before_collectstatic(tmp_path):
+    with override_settings(STATIC_ROOT=tmp_path / "empty"):
+        staticfiles_storage._setup()
+        assert staticfiles_storage.url("css/app.css") == "/static/css/app.css"
+
+
+def test_hashed_names_after_collectstatic(tmp_path):
+    with override_settings(STATIC_ROOT=tmp_path / "collected"):
+        call_command("collectstatic", "--noinput", verbosity=0)
+        staticfiles_storage._setup()
+        url = staticfiles_storage.url("css/app.css")
+        assert url.startswith("/static/css/app.") and url != "/static/css/app.css"
+        assert (tmp_path / "collected" / "css" / url.rsplit("/", 1)[1]).exists()
+    staticfiles_storage._setup()
