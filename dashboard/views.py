@@ -203,7 +203,7 @@ def _state_response(
 
     A plain form post (a click before htmx had wired the form) gets the page back.
     """
-    if not request.htmx:
+    if request.method == "POST" and not request.htmx:
         return redirect("conversation", pk=conversation.pk)
     ctx = _conversation_context(request, conversation, oob=True, error=error, draft=draft)
     html = render_to_string("conversations/_conversation_state.html", ctx, request=request)

@@ -681,3 +681,14 @@ class TestQueryCounts:
         c = ConversationFactory(held=True, held_by=operator)
         with django_assert_max_num_queries(8):
             operator_client.get(f"/c/{c.pk}/state/")
+
+
+def test_a_plain_form_post_of_a_reply_is_sent_and_returns_to_the_page(operator_client, operator):
+    """Before htmx has wired a freshly swapped composer, its form posts natively."""
+    from conversations import services
+
+    conversation = ConversationFactory()
+    services.conversation_take_over(conversation=conversation, operator=operator)
+    response = operator_client.post(f"/c/{conversation.pk}/send/", {"text": "plain post"})
+    assert response.status_code == 302 and response["Location"] == f"/c/{conversation.pk}/"
+    assert conversation.messages.filter(text="plain post", author="human").exists()
