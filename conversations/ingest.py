@@ -109,19 +109,16 @@ def ingest_customer_message(
     )
     if contact_name and not conversation.contact_name:
         conversation.contact_name = contact_name
-    try:
-        with transaction.atomic():
-            message = Message.objects.create(
-                conversation=conversation,
-                message_id=message_id or None,
-                direction=Message.Direction.INBOUND,
-                author=Message.Author.CUSTOMER,
-                type=type if type in MESSAGE_TYPES else Message.Type.TEXT,
-                text=text,
-                paused=paused,
-            )
-    except IntegrityError:  # the same message_id, stored concurrently
-        return None
+    # One worker stores events in order, so the check above is not racing anyone.
+    message = Message.objects.create(
+        conversation=conversation,
+        message_id=message_id or None,
+        direction=Message.Direction.INBOUND,
+        author=Message.Author.CUSTOMER,
+        type=type if type in MESSAGE_TYPES else Message.Type.TEXT,
+        text=text,
+        paused=paused,
+    )
     if conversation.held_by_id is None and (paused or ASKS_FOR_A_PERSON.search(text or "")):
         # Nobody answers a paused conversation that no human holds.
         conversation.needs_human = True

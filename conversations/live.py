@@ -17,6 +17,8 @@ what it missed, and `catch_up()` renders it (see `dashboard.consumers`).
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from asgiref.sync import async_to_sync
@@ -43,9 +45,62 @@ def after_commit(notify, *args) -> None:
     """Call `notify(*args)` once the current transaction commits (services use this).
 
     Nobody hears of a row that was rolled back, and a failure to notify is
-    logged, never raised into the write that succeeded.
+    logged, never raised into the write that succeeded. Inside `coalesced()`
+    the call waits for the end of the block, and repeats of it are dropped.
     """
-    transaction.on_commit(lambda: notify(*args), robust=True)
+    transaction.on_commit(lambda: _notify(notify, args), robust=True)
+
+
+_local = threading.local()
+
+
+def _key(args: tuple) -> tuple:
+    return tuple((type(a).__name__, getattr(a, "pk", id(a))) for a in args)
+
+
+def _notify(notify, args: tuple) -> None:
+    pending = getattr(_local, "pending", None)
+    if pending is None:
+        notify(*args)
+    else:
+        pending.setdefault((notify, _key(args)), args)
+
+
+@contextmanager
+def coalesced():
+    """Gather the notifications of many writes and send each distinct one once.
+
+    The worker stores events in batches: a burst of fifty messages in one
+    conversation then moves its inbox row once, not fifty times. Order of
+    first appearance is kept; objects are rendered as they are at the end.
+    """
+    pending: dict = {}
+    _local.pending = pending
+    try:
+        yield
+    finally:
+        # Notifying can queue more (a message queues its inbox row): drain until quiet.
+        while pending:
+            (notify, _), args = next(iter(pending.items()))
+            del pending[(notify, _)]
+            try:
+                notify(*args)
+            except Exception:
+                logger.exception("could not notify operators (%s)", notify.__name__)
+        _local.pending = None
+
+
+_sender = None
+
+
+def send_through(sender) -> None:
+    """Route group sends through `sender(group, message)` instead of waiting on each.
+
+    The worker installs one that hands them, in order, to its event loop, so
+    storing an event never waits for Redis.
+    """
+    global _sender
+    _sender = sender
 
 
 def conversation_group(conversation_id: int) -> str:
@@ -53,8 +108,13 @@ def conversation_group(conversation_id: int) -> str:
 
 
 def _send_html(group: str, html: str) -> None:
+    if not html.strip():
+        return
+    if _sender is not None:
+        _sender(group, {"type": "live.html", "html": html})
+        return
     layer = get_channel_layer()
-    if layer is None or not html.strip():
+    if layer is None:
         return
     try:
         async_to_sync(layer.group_send)(group, {"type": "live.html", "html": html})
@@ -66,7 +126,7 @@ def message_added(message) -> None:
     """A new line in a conversation, and its inbox row moving to the top."""
     _send_html(conversation_group(message.conversation_id), render_message(message, new=True))
     if message.direction != "note":
-        _send_inbox_row(message.conversation)
+        _notify(_send_inbox_row, (message.conversation,))
 
 
 def message_changed(message) -> None:
@@ -78,7 +138,7 @@ def conversation_changed(conversation) -> None:
     """Who holds it, whether it is paused or ended: its header and its inbox row."""
     conversation.refresh_from_db()
     _send_html(conversation_group(conversation.pk), render_conversation(conversation))
-    _send_inbox_row(conversation)
+    _notify(_send_inbox_row, (conversation,))
 
 
 def command_changed(command) -> None:
@@ -95,7 +155,13 @@ def agent_state_changed(state) -> None:
 
 
 def _send_inbox_row(conversation) -> None:
+    if _coalescing():
+        conversation.refresh_from_db()  # the batch may have moved it since
     _send_html(OPERATORS_GROUP, render_inbox_row(conversation))
+
+
+def _coalescing() -> bool:
+    return getattr(_local, "pending", None) is not None
 
 
 def wake_worker() -> None:

@@ -28,9 +28,9 @@ from asgiref.sync import sync_to_async
 from channels.consumer import AsyncConsumer
 from channels.worker import Worker
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections, transaction
 
-from conversations import ingest, services
+from conversations import ingest, live, services
 from conversations.live import WORKER_CHANNEL
 from conversations.models import Command, ContactPause, Conversation
 from pinecall_sdk import Pinecall, PinecallError, PinecallTimeout
@@ -39,6 +39,7 @@ logger = logging.getLogger("conversations.worker")
 
 OUTBOX_POLL_SECONDS = 2.0
 OUTBOX_BATCH = 200
+INGEST_BATCH = 500
 
 
 def _db(func: Callable) -> Callable:
@@ -94,6 +95,80 @@ def _pauses_to_reassert(agent_id: str) -> tuple[list[str], list[str], bool]:
     return sessions, contacts, agent_paused
 
 
+def store_batch(events: list, agent_id: str) -> None:
+    """Store events in one transaction; one that fails is logged and skipped.
+
+    Each ingest service is atomic, so inside the batch it is a savepoint: a bad
+    event rolls back alone. If the batch itself cannot commit, each event is
+    tried again in a transaction of its own.
+    """
+    with live.coalesced():
+        try:
+            with transaction.atomic():
+                for event in events:
+                    store_event(event, agent_id)
+        except DatabaseError:
+            logger.warning("a batch of %d events failed to commit; storing one by one", len(events))
+            for event in events:
+                store_event(event, agent_id)
+
+
+def store_event(event, agent_id: str) -> None:
+    try:
+        STORE[event.event](event, event.agent_id or agent_id)
+    except Exception:
+        # One bad event must not stop the others; its frame is in the log.
+        logger.exception("could not store %s: %r", event.event, getattr(event, "raw", event))
+    else:
+        logger.info("event %s session=%s", event.event, getattr(event, "session_id", None) or "-")
+
+
+def _is_resume_all(event) -> bool:
+    return event.event == "session.resumed" and not event.session_id and not event.contact
+
+
+# The wire's fields, unpacked into the ingest services (which know nothing of the SDK).
+STORE: dict[str, Callable] = {
+    "whatsapp.session_started": lambda e, agent_id: ingest.ingest_session_started(
+        agent_id=agent_id,
+        session_id=e.session_id,
+        contact_phone=e.contact_phone or "",
+        contact_name=e.contact_name or "",
+    ),
+    "whatsapp.message": lambda e, agent_id: ingest.ingest_customer_message(
+        agent_id=agent_id,
+        session_id=e.session_id,
+        contact_phone=e.from_ or "",
+        contact_name=e.name or "",
+        message_id=e.message_id,
+        type=e.type or "text",
+        text=e.text or "",
+        paused=e.paused,
+    ),
+    "whatsapp.response": lambda e, agent_id: ingest.ingest_response(
+        agent_id=agent_id, session_id=e.session_id, to=e.to or "", text=e.text or "", source=e.source
+    ),
+    "whatsapp.status": lambda e, agent_id: ingest.ingest_status(
+        message_id=e.message_id, status=e.status, recipient=e.recipient or ""
+    ),
+    "whatsapp.session_ended": lambda e, agent_id: ingest.ingest_session_ended(
+        agent_id=agent_id,
+        session_id=e.session_id,
+        contact_phone=e.contact_phone or "",
+        contact_name=e.contact_name or "",
+        reason=e.reason or "",
+        ended_at=e.ended_at,
+    ),
+    "session.paused": lambda e, agent_id: ingest.ingest_pause_state(
+        agent_id=agent_id, paused=True, session_id=e.session_id, contact=e.contact
+    ),
+    "session.resumed": lambda e, agent_id: ingest.ingest_pause_state(
+        agent_id=agent_id, paused=False, session_id=e.session_id, contact=e.contact
+    ),
+}
+STORED_EVENTS = frozenset(STORE)
+
+
 # ---------------------------------------------------------------- the bridge, async
 
 
@@ -125,6 +200,10 @@ class PinecallBridge:
         self.client.on("connected", self._on_connected)
         self.client.on("disconnected", self._on_disconnected)
         self.client.on("error", self._on_client_error)
+        # Bounded: under a burst the client stops reading and TCP holds the rest,
+        # so little is in memory when the process dies.
+        self._events: asyncio.Queue = asyncio.Queue(maxsize=2 * INGEST_BATCH)
+        self._broadcasts: asyncio.Queue = asyncio.Queue()
         self._wake = asyncio.Event()
         self._registered = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -136,6 +215,14 @@ class PinecallBridge:
     async def run(self) -> None:
         """Connect (retrying while Pinecall is unreachable) and drain the outbox until stopped."""
         await _db(_recover_in_flight)()
+        self._spawn(self._store_events())
+        self._spawn(self._send_broadcasts())
+        loop = asyncio.get_running_loop()
+        live.send_through(
+            lambda group, message: loop.call_soon_threadsafe(
+                self._broadcasts.put_nowait, (group, message)
+            )
+        )
         while not self._stopping.is_set():
             try:
                 await self.client.connect()
@@ -157,7 +244,26 @@ class PinecallBridge:
             except TimeoutError:
                 pass
 
+    async def _send_broadcasts(self) -> None:
+        """Operators' fragments, sent in the order they were made, without blocking storing."""
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        while True:
+            group, message = await self._broadcasts.get()
+            try:
+                await layer.group_send(group, message)
+            except Exception as error:  # Redis down: browsers catch up from the database
+                logger.warning("could not notify group %s: %s", group, error)
+
     async def stop(self) -> None:
+        # What was received is stored and told before the tasks stop (a few seconds at most).
+        for queue in (self._events, self._broadcasts):
+            for _ in range(50):
+                if queue.empty():
+                    break
+                await asyncio.sleep(0.1)
+        live.send_through(None)
         self._stopping.set()
         self._wake.set()
         for task in list(self._tasks):
@@ -198,94 +304,26 @@ class PinecallBridge:
     # ---- events
 
     async def on_event(self, event) -> None:
-        name = event.event
-        handler = self._handlers().get(name)
-        if handler is None:
-            logger.debug("event %s (not stored)", name)
-            return
-        try:
-            await handler(event)
-        except Exception:
-            # One bad event must not stop the others; its frame is in the log.
-            logger.exception("could not store %s: %r", name, getattr(event, "raw", event))
+        """Queue the event for storing; events are stored in order, in batches."""
+        if event.event in STORED_EVENTS:
+            await self._events.put(event)
         else:
-            logger.info(
-                "event %s session=%s", name, getattr(event, "session_id", None) or "-"
-            )
+            logger.debug("event %s (not stored)", event.event)
 
-    def _handlers(self) -> dict[str, Callable]:
-        return {
-            "whatsapp.session_started": self._session_started,
-            "whatsapp.message": self._message,
-            "whatsapp.response": self._response,
-            "whatsapp.status": self._status,
-            "whatsapp.session_ended": self._session_ended,
-            "session.paused": self._paused,
-            "session.resumed": self._resumed,
-        }
+    async def _store_events(self) -> None:
+        """Store queued events: whatever has piled up goes in one transaction.
 
-    async def _session_started(self, event) -> None:
-        await _db(ingest.ingest_session_started)(
-            agent_id=event.agent_id or self.agent_id,
-            session_id=event.session_id,
-            contact_phone=event.contact_phone or "",
-            contact_name=event.contact_name or "",
-        )
-
-    async def _message(self, event) -> None:
-        await _db(ingest.ingest_customer_message)(
-            agent_id=event.agent_id or self.agent_id,
-            session_id=event.session_id,
-            contact_phone=event.from_ or "",
-            contact_name=event.name or "",
-            message_id=event.message_id,
-            type=event.type or "text",
-            text=event.text or "",
-            paused=event.paused,
-        )
-
-    async def _response(self, event) -> None:
-        await _db(ingest.ingest_response)(
-            agent_id=event.agent_id or self.agent_id,
-            session_id=event.session_id,
-            to=event.to or "",
-            text=event.text or "",
-            source=event.source,
-        )
-
-    async def _status(self, event) -> None:
-        await _db(ingest.ingest_status)(
-            message_id=event.message_id, status=event.status, recipient=event.recipient or ""
-        )
-
-    async def _session_ended(self, event) -> None:
-        await _db(ingest.ingest_session_ended)(
-            agent_id=event.agent_id or self.agent_id,
-            session_id=event.session_id,
-            contact_phone=event.contact_phone or "",
-            contact_name=event.contact_name or "",
-            reason=event.reason or "",
-            ended_at=event.ended_at,
-        )
-
-    async def _paused(self, event) -> None:
-        await _db(ingest.ingest_pause_state)(
-            agent_id=event.agent_id or self.agent_id,
-            paused=True,
-            session_id=event.session_id,
-            contact=event.contact,
-        )
-
-    async def _resumed(self, event) -> None:
-        await _db(ingest.ingest_pause_state)(
-            agent_id=event.agent_id or self.agent_id,
-            paused=False,
-            session_id=event.session_id,
-            contact=event.contact,
-        )
-        if not event.session_id and not event.contact:
-            # Pinecall's resume-all cleared every level, humans' holds included.
-            self._spawn(self._reassert_pauses())
+        Under a burst this turns thousands of commits into a few, and repeated
+        notifications (one conversation's inbox row) into one per batch.
+        """
+        while True:
+            batch = [await self._events.get()]
+            while not self._events.empty() and len(batch) < INGEST_BATCH:
+                batch.append(self._events.get_nowait())
+            await _db(store_batch)(batch, self.agent_id)
+            if any(_is_resume_all(event) for event in batch):
+                # Pinecall's resume-all cleared every level, humans' holds included.
+                self._spawn(self._reassert_pauses())
 
     # ---- commands
 
@@ -384,22 +422,26 @@ class PinecallBridge:
 
 
 class PinecallWorkerConsumer(AsyncConsumer):
-    """The `pinecall` channel's consumer: starts the bridge, relays wake-ups."""
+    """The `pinecall` channel's consumer: starts the bridge, relays wake-ups.
+
+    The bridge belongs to the process, not to this instance: if Channels
+    replaces a failed instance, the new one still reaches it.
+    """
 
     bridge: PinecallBridge | None = None
 
     async def worker_start(self, message) -> None:
-        self.bridge = PinecallBridge()
-        self._run = asyncio.ensure_future(self.bridge.run())
-        self._run.add_done_callback(_exit_on_fatal)
+        bridge = PinecallWorkerConsumer.bridge = PinecallBridge()
+        run = asyncio.ensure_future(bridge.run())
+        run.add_done_callback(_exit_on_fatal)
 
     async def worker_stop(self, message) -> None:
-        if self.bridge is not None:
-            await self.bridge.stop()
+        if PinecallWorkerConsumer.bridge is not None:
+            await PinecallWorkerConsumer.bridge.stop()
 
     async def outbox_wake(self, message) -> None:
-        if self.bridge is not None:
-            self.bridge.wake()
+        if PinecallWorkerConsumer.bridge is not None:
+            PinecallWorkerConsumer.bridge.wake()
 
 
 class WorkerFailed:

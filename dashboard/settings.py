@@ -104,8 +104,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "NAME": str(Path(tempfile.gettempdir()) / f"takeover-test-{os.getpid()}.sqlite3")
     }
 else:
-    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
-    DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    # Daphne runs each request's ORM work on a fresh thread, so persistent
+    # connections are never reused: a pool is (psycopg's, through Django).
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env.int("DB_POOL_MIN_SIZE", default=2),
+        "max_size": env.int("DB_POOL_MAX_SIZE", default=20),
+        "timeout": 10,
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="")
@@ -189,7 +195,7 @@ WHATSAPP_APP_SECRET = env.str("WHATSAPP_APP_SECRET", default="") or None
 # Product limits.
 MESSAGE_MAX_LENGTH = 4096  # WhatsApp's limit for a text body
 INBOX_PAGE_SIZE = 50
-CONVERSATION_PAGE_SIZE = 200
+CONVERSATION_PAGE_SIZE = 50  # the latest; "Load earlier" pages back
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {
