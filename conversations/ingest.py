@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.db import IntegrityError, transaction
@@ -24,6 +25,7 @@ from conversations.models import Conversation, Message
 from conversations.services import (
     _end,
     _touch,
+    conversation_record_message,
     agent_paused_set,
     contact_pause_set,
     session_paused_set,
@@ -44,7 +46,9 @@ def _conversation_for(
     *, session_id: str, agent_id: str, contact_phone: str = "", contact_name: str = ""
 ) -> tuple[Conversation, bool]:
     """The session's conversation, locked; created when we never saw it start."""
-    conversation = Conversation.objects.select_for_update().filter(session_id=session_id).first()
+    conversation = (
+        Conversation.objects.select_for_update().filter(session_id=session_id).order_by().first()
+    )
     if conversation is not None:
         return conversation, False
     try:
@@ -86,47 +90,108 @@ def ingest_session_started(
     return conversation
 
 
-@transaction.atomic
-def ingest_customer_message(
-    *,
-    agent_id: str,
-    session_id: str,
-    contact_phone: str,
-    contact_name: str = "",
-    message_id: str | None,
-    type: str = "text",
-    text: str = "",
-    paused: bool | None = None,
-) -> Message | None:
+@dataclass(frozen=True)
+class CustomerMessage:
+    """A `whatsapp.message`, in the wire's terms."""
+
+    agent_id: str
+    session_id: str
+    contact_phone: str
+    message_id: str | None
+    contact_name: str = ""
+    type: str = "text"
+    text: str = ""
+    paused: bool | None = None
+
+
+def ingest_customer_message(**fields) -> Message | None:
     """A message from the customer. Returns None when it was already stored."""
-    if message_id and Message.objects.filter(message_id=message_id).exists():
-        return None
-    conversation, _ = _conversation_for(
-        session_id=session_id,
-        agent_id=agent_id,
-        contact_phone=contact_phone,
-        contact_name=contact_name,
+    stored = ingest_customer_messages([CustomerMessage(**fields)])
+    return stored[0] if stored else None
+
+
+@transaction.atomic
+def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
+    """Customer messages, stored together in a handful of queries however many there are.
+
+    A burst (a campaign, a reconnect's backlog) is most of what the worker
+    stores, so this is set-based: the repeats are dropped in one query, the
+    conversations locked in one, the messages inserted in one, and each
+    conversation's inbox columns written once.
+    """
+    fresh = _drop_repeats(incoming)
+    if not fresh:
+        return []
+    conversations = _conversations_locked(fresh)
+    now = timezone.now()
+    messages = Message.objects.bulk_create(
+        Message(
+            conversation=conversations[m.session_id],
+            message_id=m.message_id or None,
+            direction=Message.Direction.INBOUND,
+            author=Message.Author.CUSTOMER,
+            type=m.type if m.type in MESSAGE_TYPES else Message.Type.TEXT,
+            text=m.text,
+            paused=m.paused,
+            created_at=now,
+        )
+        for m in fresh
     )
-    if contact_name and not conversation.contact_name:
-        conversation.contact_name = contact_name
-    # One worker stores events in order, so the check above is not racing anyone.
-    message = Message.objects.create(
-        conversation=conversation,
-        message_id=message_id or None,
-        direction=Message.Direction.INBOUND,
-        author=Message.Author.CUSTOMER,
-        type=type if type in MESSAGE_TYPES else Message.Type.TEXT,
-        text=text,
-        paused=paused,
-    )
-    if conversation.held_by_id is None and (paused or ASKS_FOR_A_PERSON.search(text or "")):
-        # Nobody answers a paused conversation that no human holds.
-        conversation.needs_human = True
-    _touch(conversation, message)
-    if conversation.needs_human:
-        Conversation.objects.filter(pk=conversation.pk).update(needs_human=True)
-    live.after_commit(live.message_added, message)
-    return message
+    changed: set[str] = set()
+    for m, message in zip(fresh, messages):
+        conversation = conversations[m.session_id]
+        changed.update(conversation_record_message(conversation, message))
+        if m.contact_name and not conversation.contact_name:
+            conversation.contact_name = m.contact_name
+            changed.add("contact_name")
+        if conversation.held_by_id is None and (m.paused or ASKS_FOR_A_PERSON.search(m.text)):
+            # Nobody answers a paused conversation that no human holds.
+            conversation.needs_human = True
+            changed.add("needs_human")
+    for conversation in conversations.values():
+        conversation.updated_at = now
+    Conversation.objects.bulk_update(conversations.values(), [*changed, "updated_at"])
+    for message in messages:
+        live.after_commit(live.message_added, message)
+    return messages
+
+
+def _drop_repeats(incoming: list[CustomerMessage]) -> list[CustomerMessage]:
+    """Pinecall may repeat events after a reconnect: one message per `message_id`."""
+    ids = [m.message_id for m in incoming if m.message_id]
+    seen = set(Message.objects.filter(message_id__in=ids).values_list("message_id", flat=True))
+    fresh = []
+    for m in incoming:
+        if m.message_id:
+            if m.message_id in seen:
+                continue
+            seen.add(m.message_id)
+        fresh.append(m)
+    return fresh
+
+
+def _conversations_locked(messages: list[CustomerMessage]) -> dict[str, Conversation]:
+    """The messages' conversations by session id, locked; created for unseen sessions."""
+    session_ids = sorted({m.session_id for m in messages})  # one lock order, no deadlocks
+    locked = Conversation.objects.select_for_update().filter(session_id__in=session_ids)
+    conversations = {c.session_id: c for c in locked.order_by("session_id")}
+    missing = {m.session_id: m for m in messages if m.session_id not in conversations}
+    if missing:
+        Conversation.objects.bulk_create(
+            [
+                Conversation(
+                    session_id=m.session_id,
+                    agent_id=m.agent_id,
+                    contact_phone=m.contact_phone,
+                    contact_name=m.contact_name,
+                )
+                for m in missing.values()
+            ],
+            ignore_conflicts=True,  # created concurrently: take theirs
+        )
+        created = locked.filter(session_id__in=list(missing)).order_by("session_id")
+        conversations.update((c.session_id, c) for c in created)
+    return conversations
 
 
 @transaction.atomic

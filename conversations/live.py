@@ -88,6 +88,7 @@ def coalesced():
             except Exception:
                 logger.exception("could not notify operators (%s)", notify.__name__)
         _local.pending = None
+        _send_inbox_rows(_local.__dict__.pop("rows", set()))
 
 
 _sender = None
@@ -126,7 +127,7 @@ def message_added(message) -> None:
     """A new line in a conversation, and its inbox row moving to the top."""
     _send_html(conversation_group(message.conversation_id), render_message(message, new=True))
     if message.direction != "note":
-        _notify(_send_inbox_row, (message.conversation,))
+        _send_inbox_row(message.conversation)
 
 
 def message_changed(message) -> None:
@@ -138,7 +139,7 @@ def conversation_changed(conversation) -> None:
     """Who holds it, whether it is paused or ended: its header and its inbox row."""
     conversation.refresh_from_db()
     _send_html(conversation_group(conversation.pk), render_conversation(conversation))
-    _notify(_send_inbox_row, (conversation,))
+    _send_inbox_row(conversation)
 
 
 def command_changed(command) -> None:
@@ -155,13 +156,22 @@ def agent_state_changed(state) -> None:
 
 
 def _send_inbox_row(conversation) -> None:
-    if _coalescing():
-        conversation.refresh_from_db()  # the batch may have moved it since
+    if getattr(_local, "pending", None) is not None:
+        # Many writes may move this row: it is rendered once, fresh, at the end.
+        _local.__dict__.setdefault("rows", set()).add(conversation.pk)
+        return
     _send_html(OPERATORS_GROUP, render_inbox_row(conversation))
 
 
-def _coalescing() -> bool:
-    return getattr(_local, "pending", None) is not None
+def _send_inbox_rows(conversation_ids: set[int]) -> None:
+    """The inbox rows a batch moved, read fresh in one query and sent once each."""
+    if not conversation_ids:
+        return
+    from conversations.models import Conversation
+
+    rows = Conversation.objects.select_related("held_by").filter(pk__in=conversation_ids)
+    for conversation in rows.order_by("last_message_at", "id"):  # the newest lands on top
+        _send_html(OPERATORS_GROUP, render_inbox_row(conversation))
 
 
 def wake_worker() -> None:

@@ -525,7 +525,13 @@ def _end(conversation: Conversation, *, reason: str, ended_at=None) -> None:
 
 
 def _touch(conversation: Conversation, message: Message) -> None:
-    """Keep the inbox's columns in step with the newest message."""
+    """Keep the inbox's columns in step with the newest message, and save them."""
+    fields = conversation_record_message(conversation, message)
+    conversation.save(update_fields=[*fields, "updated_at"])
+
+
+def conversation_record_message(conversation: Conversation, message: Message) -> list[str]:
+    """Move the inbox's columns on for a new message, in memory; returns the fields changed."""
     conversation.last_message_at = message.created_at
     conversation.last_message_preview = message.text[:200]
     conversation.last_message_author = message.author
@@ -537,4 +543,4 @@ def _touch(conversation: Conversation, message: Message) -> None:
         if conversation.held_by_id is not None:
             conversation.unread_count += 1
             fields.append("unread_count")
-    conversation.save(update_fields=[*fields, "updated_at"])
+    return fields

@@ -105,12 +105,52 @@ def store_batch(events: list, agent_id: str) -> None:
     with live.coalesced():
         try:
             with transaction.atomic():
-                for event in events:
-                    store_event(event, agent_id)
+                for run in _runs_of_customer_messages(events):
+                    if len(run) > 1:
+                        store_customer_messages(run, agent_id)
+                    else:
+                        store_event(run[0], agent_id)
         except DatabaseError:
             logger.warning("a batch of %d events failed to commit; storing one by one", len(events))
             for event in events:
                 store_event(event, agent_id)
+
+
+def _runs_of_customer_messages(events: list) -> list[list]:
+    """Consecutive customer messages together (stored set-wise), any other event alone."""
+    runs: list[list] = []
+    for event in events:
+        if event.event == "whatsapp.message" and runs and runs[-1][0].event == "whatsapp.message":
+            runs[-1].append(event)
+        else:
+            runs.append([event])
+    return runs
+
+
+def store_customer_messages(events: list, agent_id: str) -> None:
+    """Many customer messages in one go; if that fails, each on its own (and logged)."""
+    try:
+        ingest.ingest_customer_messages([_customer_message(e, agent_id) for e in events])
+    except Exception:
+        logger.warning("storing %d messages together failed; one by one", len(events), exc_info=True)
+        for event in events:
+            store_event(event, agent_id)
+    else:
+        for event in events:
+            logger.info("event whatsapp.message session=%s", event.session_id)
+
+
+def _customer_message(e, agent_id: str) -> ingest.CustomerMessage:
+    return ingest.CustomerMessage(
+        agent_id=e.agent_id or agent_id,
+        session_id=e.session_id,
+        contact_phone=e.from_ or "",
+        contact_name=e.name or "",
+        message_id=e.message_id,
+        type=e.type or "text",
+        text=e.text or "",
+        paused=e.paused,
+    )
 
 
 def store_event(event, agent_id: str) -> None:
@@ -135,15 +175,8 @@ STORE: dict[str, Callable] = {
         contact_phone=e.contact_phone or "",
         contact_name=e.contact_name or "",
     ),
-    "whatsapp.message": lambda e, agent_id: ingest.ingest_customer_message(
-        agent_id=agent_id,
-        session_id=e.session_id,
-        contact_phone=e.from_ or "",
-        contact_name=e.name or "",
-        message_id=e.message_id,
-        type=e.type or "text",
-        text=e.text or "",
-        paused=e.paused,
+    "whatsapp.message": lambda e, agent_id: ingest.ingest_customer_messages(
+        [_customer_message(e, agent_id)]
     ),
     "whatsapp.response": lambda e, agent_id: ingest.ingest_response(
         agent_id=agent_id, session_id=e.session_id, to=e.to or "", text=e.text or "", source=e.source

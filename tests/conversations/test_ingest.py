@@ -164,3 +164,46 @@ def test_direct_send_echo_without_session_belongs_to_the_contacts_latest_convers
     )
     assert message.conversation.session_id == "wa-aaaaaaaaaaaa"
     assert ingest.ingest_response(agent_id="support", session_id=None, to="999", text="x") is None
+
+
+@pytest.mark.django_db
+def test_a_burst_is_stored_set_wise_with_repeats_dropped_and_counts_exact():
+    burst = [
+        ingest.CustomerMessage(
+            agent_id="support",
+            session_id=f"wa-{n % 3:012x}",
+            contact_phone=f"3460000{n % 3}",
+            contact_name=f"C{n % 3}",
+            message_id=f"wamid.{n}",
+            text="please, a human" if n == 4 else f"m{n}",
+        )
+        for n in range(9)
+    ]
+    stored = ingest.ingest_customer_messages(burst + burst[:4])  # repeats within the burst
+    assert len(stored) == 9
+    assert ingest.ingest_customer_messages(burst) == []  # and repeats of stored ones
+    counts = dict(Conversation.objects.values_list("session_id", "message_count"))
+    assert counts == {f"wa-{k:012x}": 3 for k in range(3)}
+    last = Conversation.objects.get(session_id=f"wa-{2:012x}")
+    assert last.last_message_preview == "m8" and last.contact_name == "C2"
+    assert Conversation.objects.get(session_id=f"wa-{1:012x}").needs_human
+    assert list(Message.objects.values_list("text", flat=True)) == [m.text for m in burst]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_worker_stores_a_batch_around_a_bad_event():
+    from pinecall_sdk.events import parse_event
+
+    from conversations.worker import store_batch
+
+    def message(n, session="wa-bbbbbbbbbbbb"):
+        return parse_event({
+            "event": "whatsapp.message", "agent_id": "support", "session_id": session,
+            "from": "34611", "name": "B", "type": "text", "text": f"m{n}",
+            "message_id": f"wamid.b{n}", "paused": False,
+        })
+
+    bad = message(99, session="wa-" + "x" * 100)  # too long for the column on PostgreSQL
+    store_batch([message(1), message(2), bad, message(3)], "support")
+    texts = set(Message.objects.values_list("text", flat=True))
+    assert {"m1", "m2", "m3"} <= texts
