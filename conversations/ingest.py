@@ -65,29 +65,40 @@ def _conversation_for(
     return conversation, True
 
 
+@dataclass(frozen=True)
+class SessionStart:
+    """A `whatsapp.session_started`, in the wire's terms."""
+
+    agent_id: str
+    session_id: str
+    contact_phone: str
+    contact_name: str = ""
+
+
+def ingest_session_started(**fields) -> Conversation:
+    return ingest_sessions_started([SessionStart(**fields)])[0]
+
+
 @transaction.atomic
-def ingest_session_started(
-    *, agent_id: str, session_id: str, contact_phone: str, contact_name: str = ""
-) -> Conversation:
-    conversation, created = _conversation_for(
-        session_id=session_id,
-        agent_id=agent_id,
-        contact_phone=contact_phone,
-        contact_name=contact_name,
-    )
-    if not created:
+def ingest_sessions_started(starts: list[SessionStart]) -> list[Conversation]:
+    """New sessions (or repeats of known ones, which update the contact's details)."""
+    conversations, created = _conversations_locked(starts)
+    for start in starts:
+        conversation = conversations[start.session_id]
+        if start.session_id in created:
+            live.after_commit(live.inbox_row_changed, conversation)
+            continue
         changed = []
-        if contact_phone and conversation.contact_phone != contact_phone:
-            conversation.contact_phone = contact_phone
+        if start.contact_phone and conversation.contact_phone != start.contact_phone:
+            conversation.contact_phone = start.contact_phone
             changed.append("contact_phone")
-        if contact_name and conversation.contact_name != contact_name:
-            conversation.contact_name = contact_name
+        if start.contact_name and conversation.contact_name != start.contact_name:
+            conversation.contact_name = start.contact_name
             changed.append("contact_name")
-        if not changed:
-            return conversation
-        conversation.save(update_fields=[*changed, "updated_at"])
-    live.after_commit(live.conversation_changed, conversation)
-    return conversation
+        if changed:
+            conversation.save(update_fields=[*changed, "updated_at"])
+            live.after_commit(live.conversation_changed, conversation)
+    return [conversations[start.session_id] for start in starts]
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,7 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
     fresh = _drop_repeats(incoming)
     if not fresh:
         return []
-    conversations = _conversations_locked(fresh)
+    conversations, _ = _conversations_locked(fresh)
     now = timezone.now()
     messages = Message.objects.bulk_create(
         Message(
@@ -170,28 +181,31 @@ def _drop_repeats(incoming: list[CustomerMessage]) -> list[CustomerMessage]:
     return fresh
 
 
-def _conversations_locked(messages: list[CustomerMessage]) -> dict[str, Conversation]:
-    """The messages' conversations by session id, locked; created for unseen sessions."""
-    session_ids = sorted({m.session_id for m in messages})  # one lock order, no deadlocks
+def _conversations_locked(
+    items: list[CustomerMessage] | list[SessionStart],
+) -> tuple[dict[str, Conversation], set[str]]:
+    """The items' conversations by session id, locked, and the ids of those created
+    here (for sessions never seen before)."""
+    session_ids = sorted({item.session_id for item in items})  # one lock order, no deadlocks
     locked = Conversation.objects.select_for_update().filter(session_id__in=session_ids)
     conversations = {c.session_id: c for c in locked.order_by("session_id")}
-    missing = {m.session_id: m for m in messages if m.session_id not in conversations}
+    missing = {item.session_id: item for item in items if item.session_id not in conversations}
     if missing:
         Conversation.objects.bulk_create(
             [
                 Conversation(
-                    session_id=m.session_id,
-                    agent_id=m.agent_id,
-                    contact_phone=m.contact_phone,
-                    contact_name=m.contact_name,
+                    session_id=item.session_id,
+                    agent_id=item.agent_id,
+                    contact_phone=item.contact_phone,
+                    contact_name=item.contact_name,
                 )
-                for m in missing.values()
+                for item in missing.values()
             ],
             ignore_conflicts=True,  # created concurrently: take theirs
         )
         created = locked.filter(session_id__in=list(missing)).order_by("session_id")
         conversations.update((c.session_id, c) for c in created)
-    return conversations
+    return conversations, set(missing)
 
 
 @transaction.atomic

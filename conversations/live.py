@@ -142,6 +142,11 @@ def conversation_changed(conversation) -> None:
     _send_inbox_row(conversation)
 
 
+def inbox_row_changed(conversation) -> None:
+    """Only its inbox row: a conversation nobody can have open yet."""
+    _send_inbox_row(conversation)
+
+
 def command_changed(command) -> None:
     """An operator's action was confirmed or failed at Pinecall."""
     group = (

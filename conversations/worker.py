@@ -105,9 +105,9 @@ def store_batch(events: list, agent_id: str) -> None:
     with live.coalesced():
         try:
             with transaction.atomic():
-                for run in _runs_of_customer_messages(events):
+                for run in _set_wise_runs(events):
                     if len(run) > 1:
-                        store_customer_messages(run, agent_id)
+                        store_set_wise(run, agent_id)
                     else:
                         store_event(run[0], agent_id)
         except DatabaseError:
@@ -116,28 +116,48 @@ def store_batch(events: list, agent_id: str) -> None:
                 store_event(event, agent_id)
 
 
-def _runs_of_customer_messages(events: list) -> list[list]:
-    """Consecutive customer messages together (stored set-wise), any other event alone."""
+SET_WISE = frozenset({"whatsapp.session_started", "whatsapp.message"})
+
+
+def _set_wise_runs(events: list) -> list[list]:
+    """Consecutive session starts and customer messages together (stored set-wise),
+    any other event alone."""
     runs: list[list] = []
     for event in events:
-        if event.event == "whatsapp.message" and runs and runs[-1][0].event == "whatsapp.message":
+        if event.event in SET_WISE and runs and runs[-1][0].event in SET_WISE:
             runs[-1].append(event)
         else:
             runs.append([event])
     return runs
 
 
-def store_customer_messages(events: list, agent_id: str) -> None:
-    """Many customer messages in one go; if that fails, each on its own (and logged)."""
+def store_set_wise(events: list, agent_id: str) -> None:
+    """Many session starts and messages in one go; if that fails, each on its own.
+
+    Starts go first: a session's start always precedes its messages anyway.
+    """
+    starts = [e for e in events if e.event == "whatsapp.session_started"]
+    messages = [e for e in events if e.event == "whatsapp.message"]
     try:
-        ingest.ingest_customer_messages([_customer_message(e, agent_id) for e in events])
+        with transaction.atomic():
+            ingest.ingest_sessions_started([_session_start(e, agent_id) for e in starts])
+            ingest.ingest_customer_messages([_customer_message(e, agent_id) for e in messages])
     except Exception:
-        logger.warning("storing %d messages together failed; one by one", len(events), exc_info=True)
+        logger.warning("storing %d events together failed; one by one", len(events), exc_info=True)
         for event in events:
             store_event(event, agent_id)
     else:
         for event in events:
-            logger.info("event whatsapp.message session=%s", event.session_id)
+            logger.info("event %s session=%s", event.event, event.session_id)
+
+
+def _session_start(e, agent_id: str) -> ingest.SessionStart:
+    return ingest.SessionStart(
+        agent_id=e.agent_id or agent_id,
+        session_id=e.session_id,
+        contact_phone=e.contact_phone or "",
+        contact_name=e.contact_name or "",
+    )
 
 
 def _customer_message(e, agent_id: str) -> ingest.CustomerMessage:
@@ -169,11 +189,8 @@ def _is_resume_all(event) -> bool:
 
 # The wire's fields, unpacked into the ingest services (which know nothing of the SDK).
 STORE: dict[str, Callable] = {
-    "whatsapp.session_started": lambda e, agent_id: ingest.ingest_session_started(
-        agent_id=agent_id,
-        session_id=e.session_id,
-        contact_phone=e.contact_phone or "",
-        contact_name=e.contact_name or "",
+    "whatsapp.session_started": lambda e, agent_id: ingest.ingest_sessions_started(
+        [_session_start(e, agent_id)]
     ),
     "whatsapp.message": lambda e, agent_id: ingest.ingest_customer_messages(
         [_customer_message(e, agent_id)]
