@@ -91,4 +91,6 @@ def use_database(name: str) -> None:
     from django.db import connection
 
     connection.close()
+    if hasattr(connection, "close_pool"):
+        connection.close_pool()  # a pool keeps its database: start a new one for this one
     connection.settings_dict["NAME"] = name

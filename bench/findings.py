@@ -51,156 +51,81 @@ TITLES = {
 # 2026-11-21 runs on this 2-core machine; the generated numbers above are the latest).
 MISSED: dict[str, str] = {
     "ingest": """
-**Where the time goes.** The worker stores one event at a time: the SDK dispatches
-events in order, and every handler awaits `sync_to_async(..., thread_sensitive=True)`,
-so all database work runs on one thread, strictly in series. Per customer message that
-thread spends about 10 ms (about 100 messages/s; a 10,000-message burst takes two
-minutes), and the machine is mostly idle meanwhile (py-spy: the worker's event loop
-is in `select()` 90 % of the time). Of the DB thread's time (py-spy, idle included):
-about a third is `ingest_customer_message` itself — eight SQL round trips (the
-`exists()` pre-check, `SELECT ... FOR UPDATE` of the conversation, a savepoint, the
-INSERT, its release, the UPDATE of the inbox columns, COMMIT) — and about a third is
-the on-commit broadcasts: two renders (message, inbox row) and two `group_send`s
-that the thread *waits for* (`async_to_sync` hops to the event loop and back:
-`Condition.wait` is 24 % of the thread's samples). The rest is ORM overhead and hops.
+**What was done.** The first harness run stored 76.6 messages/s: one event per
+transaction, eight SQL round trips per message, and two renders plus two Redis
+round trips that the storing thread waited for. Since then (`conversations/worker.py`,
+`ingest.py`, `live.py`):
+1. the worker stores whatever events have piled up in one transaction (up to 500),
+2. runs of session starts and customer messages are stored set-wise
+   (`ingest_customer_messages`: one query drops repeats, one locks the batch's
+   conversations, one `bulk_create`, one `bulk_update` of the inbox columns),
+3. notifications are coalesced per batch (one inbox row per conversation, read
+   fresh in one query) and handed to the event loop in order instead of waited for,
+4. the redundant FK index and the `LIKE`-pattern copy of the `message_id` index are gone.
+Each step was measured: 76.6 -> 137 -> 335 -> 530 messages/s, and ~470/s in the full run
+above (the harness measured other processes, the VM's kernel workers, using about
+two cores during it).
 
-**What would fix it** (in `conversations/worker.py`, `ingest.py`, `live.py`), in order of effect:
-1. *Batch the burst.* Let the bridge drain the events already queued (up to ~200, or
-   ~20 ms worth) and store all `whatsapp.message`s of the batch in one transaction:
-   one `SELECT message_id ... WHERE message_id IN (...)`, one `SELECT ... FOR UPDATE`
-   of the batch's conversations (`ORDER BY id`), one `bulk_create`, one UPDATE per
-   conversation for the inbox columns; after the commit, one message fragment per
-   message but one inbox row per conversation. This amortises the per-transaction
-   and per-broadcast costs that dominate now; it is the change that can reach
-   1,000 messages/s on two cores (the per-message SQL is then ~2 statements' worth).
-2. *Do not wait for broadcasts on the DB thread.* In the worker, `live._send_html`
-   should hand the `group_send` to the event loop (`loop.call_soon_threadsafe(...)`,
-   fire and forget; delivery is at most once anyway) instead of `async_to_sync`:
-   about a quarter of the DB thread's time today.
-3. Drop the `exists()` pre-check in `ingest_customer_message` (the unique index and
-   the savepoint already make a repeat a no-op): one round trip of eight.
-4. Log each stored event at DEBUG, not INFO (10,000 log lines per burst).
+**Where the time goes now** (py-spy on the worker during a burst): the storing thread
+is busy all the time and the event loop mostly idle. Of the storing thread, ~55 % is
+the set-based SQL of the batches (PostgreSQL round trips of ~1 ms each on this
+machine, where PostgreSQL, Redis, Daphne, the simulator and the worker share two
+cores) and most of the rest is rendering one fragment per message (~0.4 ms each with
+Django templates), which the fan-out needs.
+
+**What would fix it:** render a message's fragment only for conversations somebody
+has open (the inbox row is enough for the others: ask the channel layer's group
+size, or keep a set of watched conversations in Redis), and give the worker a second
+storing thread for events of different conversations. Both are beyond this round.
 """,
     "round_trip_take_over": """
-**Where the time goes** (steps above, p50 from A's POST): `session.pause` reaches the
-simulator after ~70 ms, B's socket has the confirmation at ~80 ms, A's POST is
-answered at ~115 ms, B's screen has the new state at ~165 ms. Everything on the path
-is CPU work on 2 shared cores, and a take over multiplies it:
-- *The POST* (py-spy on Daphne, in-process timing: ~40 ms of CPU without Daphne):
-  17 queries (session, user, the conversation four times — get, lock, the refresh in
-  `conversation_changed`, get again for the answer —, the two permission queries of
-  `has_perm`, UPDATE, two INSERTs, BEGIN/COMMIT, the held_by user for the inbox row,
-  three for A's header state), three template renders and three Redis round trips
-  that the request thread waits for: the
-  on-commit hooks (wake the worker, render and `group_send` the header sync and the
-  inbox row) run inside the request before its answer. And every request under Daphne
-  opens a new PostgreSQL connection (measured: as many PostgreSQL sessions as HTTP
-  requests — asgiref runs each request's sync code in a new thread, so
-  `CONN_MAX_AGE` never reuses one).
-- *The worker* runs two transactions before the frame goes out (`_open_commands`,
-  then `command_mark_sent` per command), then on `session.paused` two more, because
-  the `session.paused` *event* (`ingest_pause_state`) and the command's confirmation
-  (`command_confirm`) each update the conversation and broadcast it.
-- *The viewers*: each `conv-sync-<pk>` fragment makes every browser on the page GET
-  `/c/<pk>/state/` (8 queries and a render). One take over sends that fragment 3-4
-  times (the claim, the paused event, the confirmation, `command_changed`), so with
-  two people on the page Daphne serves 6-8 state GETs per take over — with 100
-  viewers, 300-400. That is where most of Daphne's samples are (py-spy:
-  `conversation_state` views).
+**What was done.** First run: p50 164 ms. Since then: a PostgreSQL connection pool
+(Daphne ran each request on a fresh thread, so every request opened a connection),
+broadcasts that no longer block the worker, the bridge kept by the process (a
+failed consumer instance lost every wake-up, so commands waited for the 2 s poll),
+and notifications coalesced. Now p50 ~56-80 ms depending on the machine's load.
 
-**What would fix it** (outside bench/):
-1. One sync fragment per change, not 3-4: collect the conversations to announce during
-   a transaction and send one `conv-sync` at commit (`live.after_commit` keyed by
-   (function, pk)); `command_changed` need not send a sync when `conversation_changed`
-   did; `session_paused_set` need not broadcast when a pause command for that session
-   is in flight (the confirmation will). Better still, broadcast the header itself:
-   make the per-user part client-side (the fragment carries `data-held-by`, the page
-   knows `data-user-id`; CSS/app.js shows "You hold this" or "Ana holds this"), so a
-   state change costs no HTTP request at all.
-2. Answer the POST before broadcasting: keep `wake_worker` in the request (one Redis
-   round trip), but let Daphne's event loop do the renders and `group_send`s
-   (schedule them, do not wait for them).
-3. A pooled PostgreSQL connection: `DATABASES["default"]["OPTIONS"]["pool"] = True`
-   with `CONN_MAX_AGE = 0` (Django 5.1+, `psycopg[binary,pool]`); measured as
-   `--variant pool` (bench/variants/pool.py), see below.
-4. In the worker, claim and send in one statement:
-   `UPDATE ... SET status='sent', attempts=attempts+1 WHERE status='pending' ... RETURNING`
-   instead of a SELECT and one transaction per command.
-The 25 ms target needs 1 and 2 at least: the floor of this chain on this machine is
-one POST (~15 ms of Django), one worker transaction and one broadcast.
+**Where the time goes** (p50 from A's POST): the POST itself (~15-20 ms of Django:
+the session, the permission queries, locking the conversation, the outbox and audit
+rows, three renders) answers before the worker has the command; the worker's wake,
+its outbox query and the transaction that marks the command sent (~10 ms); the
+simulator's answer; the confirmation transaction (~10 ms); then B's browser, told by
+a small sync fragment, fetches its own header state with a GET (8 queries, ~10 ms).
+Every step is CPU work on two shared cores.
+
+**What would fix it:** broadcast the header itself and let app.js choose the per-user
+part from `data-held-by` against the page's user id, which removes B's GET (the
+largest single step); claim and send a command in one `UPDATE ... RETURNING`; and
+answer the POST before rendering the broadcasts (schedule them on Daphne's loop).
 """,
     "round_trip_send": """
-Same path as Take over (see above): `session.send` reaches the simulator ~80 ms after
-the POST starts, which is answered at ~105 ms; the confirmed bubble is on B's socket
-at ~107 ms. The POST stores the message, the outbox row and the audit row, then
-renders and broadcasts the pending bubble and the inbox row *inside the request*
-before answering, and renders A's header and composer (three more queries); the
-worker then runs `_open_commands` and `command_mark_sent` before the frame, and after
-`session.sent` the confirmation transaction, which re-renders the bubble *and* sends
-a header sync (`_apply_confirmed` calls `conversation_changed` for a send too, so
-every viewer GETs its state after every message sent). Fixes 1-4 of Take over apply;
-for a send, `_apply_confirmed` should not announce the conversation at all (only the
-bubble changed).
-""",
-    "pages_conversation": """
-**Where the time goes.** Not the database: 11 queries, the same at 1,000 and 100,000
-conversations, ~7 ms together (the message page uses `msg_conversation`, the inbox
-`conv_state_activity`; plans in latest.json). It is template rendering: the page
-renders the newest `CONVERSATION_PAGE_SIZE` = 200 messages, each through
-`{% include "conversations/_message.html" %}` (~0.15 ms each: ~30 ms), plus the
-50 inbox rows of the left pane (~12 ms), the header, composer and base (render
-breakdown above; pyinstrument: `render` is ~80 % of the request).
-
-**What would fix it:**
-1. `CONVERSATION_PAGE_SIZE = 50` (settings): the newest 50 fill a screen; "Load
-   earlier" already fetches the rest (measured: 200 messages render in ~30 ms, 50 in
-   ~7.5 ms, so the page drops to ~40 ms).
-2. Cheaper bubbles: each message formats its time three times
-   (`date:'c'`, `date:'DATETIME_FORMAT'` for the title, and `msg_time`, which also
-   converts "now" to local time for every message); compute "today" once per render
-   and drop the localized title (or put it in a `data-` attribute app.js formats).
-3. Render the inbox pane's rows only once per page (it is rendered for the
-   conversation page too); or load it lazily (`hx-trigger="load"`).
+Same path as Take over, without the header re-fetch for the sender's bubble: the POST
+stores the message, outbox and audit rows and renders the pending bubble; the worker
+sends `session.send`; the confirmation re-renders the bubble for every viewer.
+p50 107 ms in the first run, ~40 ms now (the pool and the non-blocking broadcasts).
+The fixes listed for Take over apply; the floor of this chain on this machine is one
+POST (~15 ms of Django), one worker transaction and one broadcast.
 """,
 }
 
 OTHER = """
-- **redis-py 8 broke the channel layer** (fixed meanwhile by pinning `redis==7.4.1`;
-  measured before the pin): redis-py 8 gives every connection a 5 s socket timeout
-  and 100 connections per pool by default, while channels_redis blocks in
-  `BZPOPMIN` for 5 s. Results: idle operator sockets were closed with 1011 every
-  few seconds (a 10-socket idle test lost all 10 within 55 s); the worker's
-  channel consumer died 5 s after start, so every wake-up was lost and each Take
-  over or Send waited for the 2-second outbox poll (round trip p50 2,000 ms); and
-  closing 1,000 sockets at once raised `MaxConnectionsError` in `group_discard`,
-  leaving dead channels in the `operators` group for its 24 h expiry. To upgrade
-  redis-py later, give channels_redis explicit client settings:
-  `"hosts": [{"address": REDIS_URL, "socket_timeout": 10, "max_connections": 1000}]`
-  (the host dict is passed to `redis.asyncio.ConnectionPool.from_url`).
-- **Wake-ups are lost for good after any failure of the worker's consumer**: the
-  `PinecallBridge` lives on the `PinecallWorkerConsumer` *instance*; when that
-  instance dies (any exception in its receive loop, e.g. Redis restarting),
-  Channels creates a new instance for the next message, whose `bridge` is `None`, so
-  `outbox_wake` does nothing and commands wait for the 2 s poll. Keep the bridge at
-  module level (or on the class) and make `outbox_wake` reach it.
-- **A PostgreSQL connection per HTTP request** under Daphne (see Round trip), and the
-  WhiteNoise middleware (sync-only) makes Django hop loop -> thread -> loop -> thread
-  on every request.
-- **The sync-fragment pattern scales with viewers**: every state change makes every
-  browser on that conversation GET `/c/<pk>/state/` (6.5 ms, 8 queries each, in
-  process); with N viewers that is N requests per change, 3-4 times per take over.
-- **Inbox search** (`?q=`) scans all messages (`icontains` on `text`): ~390 ms at
-  1,000,000 messages (latest.json: `pages.big.pages.inbox_search`); a `pg_trgm` GIN
-  index on `conversations_message.text` (`GinIndex(OpClass(Upper("text"),
-  name="gin_trgm_ops"))`, since Django's `icontains` compares `UPPER(...)`) or a
-  search limited to names, phones and previews would fix it.
-- **Redundant indexes on the hottest table**: `conversations_message` has both
-  `(conversation_id)` (the FK's own index) and `msg_conversation (conversation_id, id)`,
-  and `message_id` has the unique index plus a `varchar_pattern_ops` copy; each
-  INSERT of the ingest maintains all of them. `db_index=False` on the FK (the
-  composite covers it) removes one.
+- **redis-py 8 broke the channel layer** (fixed by pinning `redis==7.4.1`, with a test
+  in `tests/conversations/test_channel_layer.py`): redis-py 8 gives every connection
+  a 5 s socket timeout and 100 connections per pool by default, while channels_redis
+  blocks in `BZPOPMIN` for 5 s. Idle operator sockets were closed every few seconds,
+  the worker's channel consumer died 5 s after start (every wake-up lost, round
+  trips of 2 s), and closing 1,000 sockets at once raised `MaxConnectionsError`.
+  To upgrade later, pass explicit client settings in the hosts dict
+  (`{"address": REDIS_URL, "socket_timeout": 10, "max_connections": 1000}`).
+- **Fixed since the first run:** the bridge lost after a consumer failure (now owned
+  by the process); a PostgreSQL connection per HTTP request (now a pool); the long
+  conversation page (now the newest 50 messages, "Load earlier" for the rest:
+  61.7 -> ~40 ms); inbox search scanning every message (trigram GIN indexes on
+  `UPPER(text)`, name and phone, PostgreSQL only); the redundant message indexes.
+- **The sync-fragment pattern scales with viewers**: every change of a conversation's
+  holder makes every browser on it GET `/c/<pk>/state/` (8 queries); see Round trip.
 - Memory is fine: ~41 KB per idle socket, and 1,000 sockets stayed open through a
-  15 s idle period with redis-py 7.4.1.
+  15 s idle period.
 """
 
 METHOD = """

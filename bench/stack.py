@@ -26,6 +26,9 @@ def _close_connections() -> None:
     from django.db import connections
 
     connections.close_all()
+    for connection in connections.all():
+        if hasattr(connection, "close_pool"):
+            connection.close_pool()  # before the harness drops a database
 
 
 async def close_orm_connections() -> None:

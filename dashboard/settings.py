@@ -107,6 +107,7 @@ else:
     # Daphne runs each request's ORM work on a fresh thread, so persistent
     # connections are never reused: a pool is (psycopg's, through Django).
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # Django's pool checks each connection before handing it out.
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": env.int("DB_POOL_MIN_SIZE", default=2),
         "max_size": env.int("DB_POOL_MAX_SIZE", default=20),

@@ -17,6 +17,7 @@ from django.contrib.auth.models import Permission
 from django.utils import timezone
 
 from conversations.models import Conversation, Message
+from conversations.services import conversation_record_message
 
 TAKE_OVER = "take_over_conversation"
 PAUSE_WIDE = "pause_contact_or_agent"
@@ -86,7 +87,7 @@ class ConversationFactory(factory.django.DjangoModelFactory):
 
     session_id = factory.Sequence(lambda n: f"sess-{n:06d}")
     agent_id = factory.LazyFunction(lambda: settings.PINECALL_AGENT_ID)
-    contact_phone = factory.Sequence(lambda n: f"+346{n:08d}")
+    contact_phone = factory.Sequence(lambda n: f"346{n:08d}")  # digits, as Pinecall sends
     contact_name = factory.Iterator(CUSTOMER_NAMES)
     started_at = factory.LazyFunction(timezone.now)
     last_message_at = factory.LazyFunction(timezone.now)
@@ -153,16 +154,9 @@ class MessageFactory(factory.django.DjangoModelFactory):
 
     @factory.post_generation
     def touch(obj, create, extracted, **kwargs):
-        """Keep the conversation's inbox columns in step (unless touch=False), like _touch()."""
+        """Keep the conversation's inbox columns in step (unless touch=False), as services do."""
         if not create or extracted is False or obj.direction == Message.Direction.NOTE:
             return
         c = obj.conversation
-        c.last_message_at = obj.created_at
-        c.last_message_preview = obj.text[:200]
-        c.last_message_author = obj.author
-        c.message_count += 1
-        fields = ["last_message_at", "last_message_preview", "last_message_author", "message_count"]
-        if obj.author == Message.Author.CUSTOMER:
-            c.last_customer_message_at = obj.created_at
-            fields.append("last_customer_message_at")
+        fields = conversation_record_message(c, obj)
         Conversation.objects.filter(pk=c.pk).update(**{f: getattr(c, f) for f in fields})

@@ -32,14 +32,14 @@ def test_confirmation_marks_paused_with_a_divider(operator, make_conversation):
     services.command_confirm(command=command)
     conversation.refresh_from_db()
     assert conversation.ai_paused
-    assert conversation.messages.get(direction="note").text == "Ana took over"
+    assert conversation.messages.get(direction="note").text == "Ana Silva took over"
     assert AuditEntry.objects.get().outcome == "confirmed"
 
 
 def test_first_operator_holds_and_the_second_must_force(operator, other_operator, make_conversation):
     conversation = make_conversation()
     services.conversation_take_over(conversation=conversation, operator=operator)
-    with pytest.raises(services.HeldByAnother, match="Ana holds"):
+    with pytest.raises(services.HeldByAnother, match="Ana Silva holds"):
         services.conversation_take_over(conversation=conversation, operator=other_operator)
     with pytest.raises(services.HeldByAnother):
         services.conversation_send(conversation=conversation, operator=other_operator, text="hi")
