@@ -181,7 +181,7 @@ def test_screenshots_for_the_readme(new_page, stack, operators):
     expect(page.locator("[data-author=human]").last).to_contain_text("replacement is on its way")
     stack.sim.customer_says(phone=phone, text="Thank you so much!")
     expect(page.locator("[data-author=customer]").last).to_contain_text("Thank you so much!")
-    page.wait_for_timeout(800)  # let the read ticks arrive
+    page.wait_for_timeout(2500)  # the read ticks, and the unread count cleared (read after 0.8 s)
     page.screenshot(path=str(DOCS / "screenshot-desktop.png"))
     url = page.url
 
