@@ -22,7 +22,7 @@ records the CPU they used meanwhile: a section they disturbed is marked *contend
 .venv/bin/python -m bench --quick               # a quarter of the samples: a smoke run
 .venv/bin/python -m bench --fresh               # rebuild the cached pages datasets
 .venv/bin/python -m bench --no-profile          # skip the profiles of missed targets
-.venv/bin/python -m bench --only round_trip --variant pool   # a proposed change (bench/variants/)
+.venv/bin/python -m bench --only fanout --variant pubsub   # a proposed change (bench/variants/)
 .venv/bin/python -m bench --report              # rewrite this README from latest.json
 ```
 

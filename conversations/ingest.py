@@ -16,15 +16,15 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from conversations import live
 from conversations.models import Conversation, Message
 from conversations.services import (
-    _end,
-    _touch,
+    conversation_end,
+    conversation_touch,
     conversation_record_message,
     agent_paused_set,
     contact_pause_set,
@@ -46,23 +46,9 @@ def _conversation_for(
     *, session_id: str, agent_id: str, contact_phone: str = "", contact_name: str = ""
 ) -> tuple[Conversation, bool]:
     """The session's conversation, locked; created when we never saw it start."""
-    conversation = (
-        Conversation.objects.select_for_update().filter(session_id=session_id).order_by().first()
-    )
-    if conversation is not None:
-        return conversation, False
-    try:
-        with transaction.atomic():
-            conversation = Conversation.objects.create(
-                session_id=session_id,
-                agent_id=agent_id,
-                contact_phone=contact_phone,
-                contact_name=contact_name,
-            )
-    except IntegrityError:  # created concurrently: take theirs
-        conversation = Conversation.objects.select_for_update().get(session_id=session_id)
-        return conversation, False
-    return conversation, True
+    start = SessionStart(agent_id, session_id, contact_phone, contact_name)
+    conversations, created = _conversations_locked([start])
+    return conversations[session_id], session_id in created
 
 
 @dataclass(frozen=True)
@@ -267,7 +253,7 @@ def ingest_response(
         created_at=now,
         status_changed_at=now,
     )
-    _touch(conversation, message)
+    conversation_touch(conversation, message)
     live.after_commit(live.message_added, message)
     return message
 
@@ -331,7 +317,7 @@ def ingest_session_ended(
             ended_at = parse_datetime(ended_at)
         elif isinstance(ended_at, (int, float)):
             ended_at = datetime.fromtimestamp(ended_at, tz=UTC)
-        _end(conversation, reason=reason or "ended", ended_at=ended_at)
+        conversation_end(conversation, reason=reason or "ended", ended_at=ended_at)
         live.after_commit(live.conversation_changed, conversation)
     return conversation
 

@@ -199,7 +199,7 @@ def conversation_send(
         contact_phone=conversation.contact_phone,
         text=text,
     )
-    _touch(conversation, message)
+    conversation_touch(conversation, message)
     live.after_commit(live.message_added, message)
     return message
 
@@ -390,7 +390,7 @@ def command_fail(*, command: Command, code: str, message: str) -> Command:
         if conversation.held_by_id == command.operator_id and not conversation.ai_paused:
             _release(conversation)
         if code == "SESSION_NOT_FOUND" and conversation.is_active:
-            _end(conversation, reason="not_found")
+            conversation_end(conversation, reason="not_found")
     if conversation is not None:
         live.after_commit(live.conversation_changed, conversation)
     live.after_commit(live.command_changed, command)
@@ -515,7 +515,8 @@ def _release(conversation: Conversation) -> None:
     )
 
 
-def _end(conversation: Conversation, *, reason: str, ended_at=None) -> None:
+def conversation_end(conversation: Conversation, *, reason: str, ended_at=None) -> None:
+    """Mark it ended, with a divider in the timeline (the caller holds its lock)."""
     conversation.state = Conversation.State.ENDED
     conversation.end_reason = reason
     conversation.ended_at = ended_at or timezone.now()
@@ -524,7 +525,7 @@ def _end(conversation: Conversation, *, reason: str, ended_at=None) -> None:
     _note(conversation, f"Conversation ended ({reason.replace('_', ' ')})")
 
 
-def _touch(conversation: Conversation, message: Message) -> None:
+def conversation_touch(conversation: Conversation, message: Message) -> None:
     """Keep the inbox's columns in step with the newest message, and save them."""
     fields = conversation_record_message(conversation, message)
     conversation.save(update_fields=[*fields, "updated_at"])
