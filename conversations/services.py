@@ -408,13 +408,15 @@ def _apply_confirmed(command: Command) -> None:
         elif command.kind == Kind.RESUME:
             _set_session_paused(conversation, False)
         elif command.kind == Kind.SEND and command.message_id:
+            # Only the bubble changed: its tick, not who holds the conversation.
             message = Message.objects.get(pk=command.message_id)
             if message.can_move_to(Message.Status.SENT):
                 message.status = Message.Status.SENT
                 message.status_changed_at = timezone.now()
                 message.save(update_fields=["status", "status_changed_at"])
                 live.after_commit(live.message_changed, message)
-        live.after_commit(live.conversation_changed, conversation)
+        if command.kind != Kind.SEND:
+            live.after_commit(live.conversation_changed, conversation)
     elif command.scope == Scope.CONTACT:
         contact_pause_set(
             agent_id=command.agent_id,

@@ -84,7 +84,6 @@ class TestBroadcasts:
         html = received(layer, conv)
         assert "Take over failed" in html and "Agent offline" in html
         assert f'data-for-user="{operator.pk}"' in html
-        assert f'id="conv-sync-{conversation.pk}"' in html
 
     def test_the_kill_switch_confirmation_is_for_everyone(self, layer):
         operator = OperatorFactory()
