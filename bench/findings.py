@@ -85,13 +85,13 @@ broadcasts that no longer block the worker, the bridge kept by the process (a
 failed consumer instance lost every wake-up, so commands waited for the 2 s poll),
 and notifications coalesced. Now p50 ~56-80 ms depending on the machine's load.
 
-**Where the time goes** (p50 from A's POST): the POST itself (~15-20 ms of Django:
-the session, the permission queries, locking the conversation, the outbox and audit
-rows, three renders) answers before the worker has the command; the worker's wake,
-its outbox query and the transaction that marks the command sent (~10 ms); the
-simulator's answer; the confirmation transaction (~10 ms); then B's browser, told by
-a small sync fragment, fetches its own header state with a GET (8 queries, ~10 ms).
-Every step is CPU work on two shared cores.
+**Where the time goes** (steps in latest.json, p50 from A's POST): `session.pause`
+reaches the simulator at ~23 ms and B's socket is told at ~21-25 ms, but A's POST is
+only answered at ~51 ms and B's screen has the new state at ~64 ms. The POST (the
+session, the permission queries, locking the conversation, the outbox and audit rows,
+the renders of A's header and composer, and the on-commit broadcasts it waits for)
+and B's GET of its own header state (8 queries, told by a sync fragment) share
+Daphne's process and the two cores with the worker, Redis and PostgreSQL.
 
 **What would fix it:** broadcast the header itself and let app.js choose the per-user
 part from `data-held-by` against the page's user id, which removes B's GET (the
