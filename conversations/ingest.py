@@ -44,11 +44,11 @@ MESSAGE_TYPES = {choice.value for choice in Message.Type}
 
 def _conversation_for(
     *, session_id: str, agent_id: str, contact_phone: str = "", contact_name: str = ""
-) -> tuple[Conversation, bool]:
+) -> Conversation:
     """The session's conversation, locked; created when we never saw it start."""
     start = SessionStart(agent_id, session_id, contact_phone, contact_name)
-    conversations, created = _conversations_locked([start])
-    return conversations[session_id], session_id in created
+    conversations, _ = _conversations_locked([start])
+    return conversations[session_id]
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def ingest_response(
     belongs to that contact's latest conversation.
     """
     if session_id:
-        conversation, _ = _conversation_for(
+        conversation = _conversation_for(
             session_id=session_id, agent_id=agent_id, contact_phone=to
         )
     else:
@@ -306,7 +306,7 @@ def ingest_session_ended(
     reason: str = "",
     ended_at: str | float | datetime | None = None,
 ) -> Conversation:
-    conversation, _ = _conversation_for(
+    conversation = _conversation_for(
         session_id=session_id,
         agent_id=agent_id,
         contact_phone=contact_phone,

@@ -75,7 +75,8 @@ def coalesced():
     first appearance is kept; objects are rendered as they are at the end.
     """
     pending: dict = {}
-    _local.pending = pending
+    rows: set[int] = set()
+    _local.pending, _local.rows = pending, rows
     try:
         yield
     finally:
@@ -87,8 +88,8 @@ def coalesced():
                 notify(*args)
             except Exception:
                 logger.exception("could not notify operators (%s)", notify.__name__)
-        _local.pending = None
-        _send_inbox_rows(_local.__dict__.pop("rows", set()))
+        _local.pending = _local.rows = None
+        _send_inbox_rows(rows)
 
 
 _sender = None
@@ -161,9 +162,10 @@ def agent_state_changed(state) -> None:
 
 
 def _send_inbox_row(conversation) -> None:
-    if getattr(_local, "pending", None) is not None:
+    rows = getattr(_local, "rows", None)
+    if rows is not None:
         # Many writes may move this row: it is rendered once, fresh, at the end.
-        _local.__dict__.setdefault("rows", set()).add(conversation.pk)
+        rows.add(conversation.pk)
         return
     _send_html(OPERATORS_GROUP, render_inbox_row(conversation))
 

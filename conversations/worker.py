@@ -106,7 +106,7 @@ def store_batch(events: list, agent_id: str) -> None:
         try:
             with transaction.atomic():
                 for run in _set_wise_runs(events):
-                    if len(run) > 1:
+                    if run[0].event in SET_WISE:
                         store_set_wise(run, agent_id)
                     else:
                         store_event(run[0], agent_id)
@@ -148,7 +148,7 @@ def store_set_wise(events: list, agent_id: str) -> None:
             store_event(event, agent_id)
     else:
         for event in events:
-            logger.info("event %s session=%s", event.event, event.session_id)
+            _log_stored(event)
 
 
 def _session_start(e, agent_id: str) -> ingest.SessionStart:
@@ -180,7 +180,11 @@ def store_event(event, agent_id: str) -> None:
         # One bad event must not stop the others; its frame is in the log.
         logger.exception("could not store %s: %r", event.event, getattr(event, "raw", event))
     else:
-        logger.info("event %s session=%s", event.event, getattr(event, "session_id", None) or "-")
+        _log_stored(event)
+
+
+def _log_stored(event) -> None:
+    logger.info("event %s session=%s", event.event, getattr(event, "session_id", None) or "-")
 
 
 def _is_resume_all(event) -> bool:
