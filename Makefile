@@ -8,7 +8,7 @@ PORT   ?= 8000
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP     := $(VENV)/.dev-installed
 
-.PHONY: run test bench browser worker simulator clean
+.PHONY: run test bench screenshots browser worker simulator clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ run: $(RUNTIME_STAMP)
 ## make test: everything, including the real-browser tests.
 test: $(DEV_STAMP) browser
 	$(PY) -m pytest
+
+## make screenshots: the README's screenshots in docs/, taken by the browser tests.
+screenshots: $(DEV_STAMP) browser
+	SCREENSHOTS=1 $(PY) -m pytest tests/e2e -k screenshots
 
 ## make bench: the benchmarks; results in bench/results/latest.json and bench/README.md.
 bench: $(DEV_STAMP)

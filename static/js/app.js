@@ -378,12 +378,31 @@
 
   // ------------------------------------------------------------ confirmations
 
+  /* The button a confirmation was asked for, as the page shows it now: a live
+   * update may have swapped the header while the dialog was open, and htmx
+   * silently drops a request from an element that left the page. */
+  function sameButtonNow(elt) {
+    if (document.body.contains(elt)) return elt;
+    var post = elt.getAttribute("hx-post");
+    var action = elt.dataset.action;
+    return $$("[hx-post]").filter(function (el) {
+      return el.getAttribute("hx-post") === post && el.dataset.action === action && !el.disabled;
+    })[0] || null;
+  }
+
   document.addEventListener("htmx:confirm", function (e) {
     if (!e.detail.question) return;
+    var elt = e.detail.elt;
+    if (elt.dataset.confirmed) {
+      // Already confirmed on the button this one replaced, for the same question.
+      delete elt.dataset.confirmed;
+      e.preventDefault();
+      e.detail.issueRequest(true);
+      return;
+    }
     var dialog = $("#confirm-dialog");
     if (!dialog || !dialog.showModal) return; // the browser's confirm() then
     e.preventDefault();
-    var elt = e.detail.elt;
     $("#confirm-text", dialog).textContent = e.detail.question;
     var label = (elt.dataset.confirmLabel || elt.textContent || "Confirm").trim();
     $("#confirm-title", dialog).textContent = label + "?";
@@ -393,7 +412,16 @@
     dialog.returnValue = "";
     dialog.addEventListener("close", function onClose() {
       dialog.removeEventListener("close", onClose);
-      if (dialog.returnValue === "ok") e.detail.issueRequest(true);
+      if (dialog.returnValue !== "ok") return;
+      if (document.body.contains(elt)) { e.detail.issueRequest(true); return; }
+      var now = sameButtonNow(elt);
+      if (!now) {
+        toast("The conversation changed while you were confirming, and nothing was done. Check it and try again.", "warn");
+        return;
+      }
+      // The same question still applies: go ahead; a different one is asked again.
+      if (now.getAttribute("hx-confirm") === e.detail.question) now.dataset.confirmed = "1";
+      now.click();
     });
     dialog.showModal();
   });

@@ -158,12 +158,18 @@ async def test_commands_issued_while_the_worker_is_stopped_go_out_once(
     bridge = await start_worker()
     await eventually(lambda: Command.objects.get().status == "confirmed")
     await bridge.stop()
+    mark = len(sim.received)
     bridge = await start_worker()  # a restart must not send it again
-    await asyncio.sleep(0.5)
+    await sim.wait_for("session.pause", session_id=session_id, after=mark)  # the hold re-asserted
+    # The outbox goes out in order: once a later command is confirmed, a repeat of
+    # the first would already have been sent.
+    conversation = await db(only)(Conversation, pk=conversation.pk)
+    await db(services.conversation_hand_back)(conversation=conversation, operator=operator)
+    await eventually(lambda: Command.objects.filter(status="confirmed").count() == 2)
     await bridge.stop()
     pauses = [f for f in sim.received if f.get("event") == "session.pause"]
     assert len([f for f in pauses if f.get("session_id") == session_id]) == 2  # the command, then the restart's re-assertion of the hold
-    assert await db(Command.objects.count)() == 1
+    assert await db(Command.objects.count)() == 2
 
 
 async def test_duplicate_and_malformed_frames_change_nothing(sim, worker):

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import pytest
+from playwright.sync_api import expect
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -240,6 +241,8 @@ def new_page(browser, stack):
             page.fill("input[name=password]", PASSWORD)
             page.click("button[type=submit], input[type=submit]")
             page.wait_for_url(f"{stack.base_url}/")
+            # Logged in and live: what happens from here on reaches this page.
+            expect(page.locator("#live-status")).to_have_attribute("data-state", "live")
         return page
 
     yield make
