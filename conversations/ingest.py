@@ -11,17 +11,20 @@ depend on the SDK's types; the worker unpacks events into them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from conversations import live
-from conversations.models import Conversation, Message
+from conversations.models import Command, Conversation, Message
+from conversations.sanitize import clean_field, clean_id, clean_text
 from conversations.services import (
     conversation_end,
     conversation_touch,
@@ -40,13 +43,19 @@ ASKS_FOR_A_PERSON = re.compile(
     re.IGNORECASE,
 )
 MESSAGE_TYPES = {choice.value for choice in Message.Type}
+# Column sizes, from the models: what a frame's fields are fitted to.
+SESSION_ID_MAX = Conversation._meta.get_field("session_id").max_length
+AGENT_ID_MAX = Conversation._meta.get_field("agent_id").max_length
+PHONE_MAX = Conversation._meta.get_field("contact_phone").max_length
+NAME_MAX = Conversation._meta.get_field("contact_name").max_length
+MESSAGE_ID_MAX = Message._meta.get_field("message_id").max_length
 
 
 def _conversation_for(
     *, session_id: str, agent_id: str, contact_phone: str = "", contact_name: str = ""
 ) -> Conversation:
     """The session's conversation, locked; created when we never saw it start."""
-    start = SessionStart(agent_id, session_id, contact_phone, contact_name)
+    start = SessionStart(agent_id, session_id, contact_phone, contact_name).fitted()
     conversations, _ = _conversations_locked([start])
     return conversations[session_id]
 
@@ -60,6 +69,15 @@ class SessionStart:
     contact_phone: str
     contact_name: str = ""
 
+    def fitted(self) -> SessionStart:
+        return replace(
+            self,
+            agent_id=clean_id(self.agent_id, AGENT_ID_MAX)[0],
+            session_id=clean_id(self.session_id, SESSION_ID_MAX)[0],
+            contact_phone=clean_id(self.contact_phone, PHONE_MAX)[0],
+            contact_name=clean_field(self.contact_name, NAME_MAX)[0],
+        )
+
 
 def ingest_session_started(**fields) -> Conversation:
     return ingest_sessions_started([SessionStart(**fields)])[0]
@@ -68,6 +86,7 @@ def ingest_session_started(**fields) -> Conversation:
 @transaction.atomic
 def ingest_sessions_started(starts: list[SessionStart]) -> list[Conversation]:
     """New sessions (or repeats of known ones, which update the contact's details)."""
+    starts = [start.fitted() for start in starts]
     conversations, created = _conversations_locked(starts)
     for start in starts:
         conversation = conversations[start.session_id]
@@ -99,6 +118,27 @@ class CustomerMessage:
     type: str = "text"
     text: str = ""
     paused: bool | None = None
+    altered: bool = False
+
+    def fitted(self) -> CustomerMessage:
+        """Fitted to the columns; `altered` says whether anything had to change."""
+        fields = {
+            "agent_id": clean_id(self.agent_id, AGENT_ID_MAX),
+            "session_id": clean_id(self.session_id, SESSION_ID_MAX),
+            "contact_phone": clean_id(self.contact_phone, PHONE_MAX),
+            "contact_name": clean_field(self.contact_name, NAME_MAX),
+            "text": clean_text(self.text),
+        }
+        message_id = clean_id(self.message_id, MESSAGE_ID_MAX) if self.message_id else (None, False)
+        altered = self.altered or message_id[1] or any(changed for _, changed in fields.values())
+        return replace(
+            self,
+            **{name: value for name, (value, _) in fields.items()},
+            message_id=message_id[0] or None,
+            type=self.type if self.type in MESSAGE_TYPES else Message.Type.TEXT,
+            paused=self.paused if isinstance(self.paused, bool) else None,
+            altered=altered,
+        )
 
 
 def ingest_customer_message(**fields) -> Message | None:
@@ -116,7 +156,7 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
     conversations locked in one, the messages inserted in one, and each
     conversation's inbox columns written once.
     """
-    fresh = _drop_repeats(incoming)
+    fresh = _drop_repeats([m.fitted() for m in incoming])
     if not fresh:
         return []
     conversations, _ = _conversations_locked(fresh)
@@ -127,9 +167,10 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
             message_id=m.message_id or None,
             direction=Message.Direction.INBOUND,
             author=Message.Author.CUSTOMER,
-            type=m.type if m.type in MESSAGE_TYPES else Message.Type.TEXT,
+            type=m.type,
             text=m.text,
             paused=m.paused,
+            altered=m.altered,
             created_at=now,
         )
         for m in fresh
@@ -194,6 +235,17 @@ def _conversations_locked(
     return conversations, set(missing)
 
 
+def reply_key(*, session_id: str, follows: str, rank: int, text: str) -> str:
+    """The identity of a reply that carries no id: where it stands in its session."""
+    material = "\x1f".join([session_id, follows, str(rank), text])
+    return hashlib.sha256(material.encode("utf-8", "replace")).hexdigest()
+
+
+# With no known anchor (the first events after a reconnect or a restart), a
+# reply is a repeat when one of the latest replies says the same.
+RECENT_REPLIES = 30
+
+
 @transaction.atomic
 def ingest_response(
     *,
@@ -202,14 +254,26 @@ def ingest_response(
     to: str = "",
     text: str = "",
     source: str | None = None,
+    follows: str | None = None,
+    rank: int = 1,
 ) -> Message | None:
     """A reply went out: the AI's, or the echo of a human send.
 
     Returns the new message, or None when it was an echo or a repeat. A direct
     send to a contact whose session had ended comes without a session id: it
     belongs to that contact's latest conversation.
+
+    Replies carry no id, and after a reconnect Pinecall repeats recent events:
+    `follows` (the id of the customer message this reply came after, in the
+    order the events arrived) and `rank` (how many replies with this text came
+    after it, this one included) make the key that recognises a repeat. The
+    worker tracks them; None when it does not know (right after a reconnect).
     """
+    agent_id = clean_id(agent_id, AGENT_ID_MAX)[0]
+    to = clean_id(to, PHONE_MAX)[0]
+    text, altered = clean_text(text)
     if session_id:
+        session_id = clean_id(session_id, SESSION_ID_MAX)[0]
         conversation = _conversation_for(
             session_id=session_id, agent_id=agent_id, contact_phone=to
         )
@@ -223,6 +287,16 @@ def ingest_response(
         if conversation is None:
             logger.warning("reply to %s with no session and no conversation: not stored", to)
             return None
+    author = Message.Author.HUMAN if source == "human" else Message.Author.AI
+    key = None
+    if follows is not None:
+        key = reply_key(
+            session_id=conversation.session_id, follows=follows, rank=rank, text=text
+        )
+        if Message.objects.filter(reply_key=key).exists():
+            return None  # a repeat
+    elif _said_recently(conversation, author=author, text=text):
+        return None  # a repeat, as far as anyone can tell
     if source == "human":
         pending_copy = (
             conversation.messages.filter(
@@ -232,16 +306,10 @@ def ingest_response(
             .first()
         )
         if pending_copy is not None:
-            Message.objects.filter(pk=pending_copy.pk).update(echo_received=True)
+            # Our own send, echoed: the stored copy takes the key, so a replay finds it.
+            Message.objects.filter(pk=pending_copy.pk).update(echo_received=True, reply_key=key)
             return None
-        author = Message.Author.HUMAN  # sent by someone outside this dashboard
-    else:
-        author = Message.Author.AI
-        # Replies carry no id; after a reconnect Pinecall may repeat the last one.
-        # The same text again with no customer message in between is that repeat.
-        last = conversation.messages.exclude(direction=Message.Direction.NOTE).last()
-        if last is not None and last.author == author and last.text == text:
-            return None
+        # Otherwise: sent by someone outside this dashboard.
     now = timezone.now()
     message = Message.objects.create(
         conversation=conversation,
@@ -250,12 +318,27 @@ def ingest_response(
         text=text,
         status=Message.Status.SENT,
         echo_received=source == "human",
+        reply_key=key,
+        altered=altered,
         created_at=now,
         status_changed_at=now,
     )
     conversation_touch(conversation, message)
     live.after_commit(live.message_added, message)
     return message
+
+
+def _said_recently(conversation: Conversation, *, author: str, text: str) -> bool:
+    recent = (
+        conversation.messages.filter(direction=Message.Direction.OUTBOUND)
+        .order_by("-id")
+        .values_list("author", "text", "echo_received")[:RECENT_REPLIES]
+    )
+    for recent_author, recent_text, echoed in recent:
+        if recent_author == author and recent_text == text:
+            # A human send not yet echoed is ours, waiting for its echo: not a repeat.
+            return author != Message.Author.HUMAN or echoed
+    return False
 
 
 @transaction.atomic
@@ -268,16 +351,25 @@ def ingest_status(*, message_id: str, status: str, recipient: str = "") -> Messa
     if status not in Message.Status.values or status == Message.Status.PENDING:
         logger.warning("ignoring unknown status %r for %s", status, message_id)
         return None
+    if not message_id or not isinstance(message_id, str):
+        # A receipt names its message; without a name it moves nothing.
+        logger.warning("ignoring a %s status without a message id (recipient %s)", status, recipient)
+        return None
+    message_id = clean_id(message_id, MESSAGE_ID_MAX)[0]
+    recipient = clean_id(recipient, PHONE_MAX)[0]
     message = Message.objects.select_for_update().filter(message_id=message_id).first()
     if message is None and recipient:
         message = (
-            Message.objects.select_for_update()
+            Message.objects.select_for_update(of=("self",))
             .filter(
                 direction=Message.Direction.OUTBOUND,
                 message_id__isnull=True,
                 conversation__contact_phone=recipient,
             )
-            .exclude(status__in=[Message.Status.PENDING, Message.Status.FAILED])
+            .exclude(status=Message.Status.FAILED)
+            # A human send still pending may already be at Pinecall (its command
+            # sent, the confirmation on its way): its first receipt can come first.
+            .exclude(Q(status=Message.Status.PENDING) & ~Q(command__status=Command.Status.SENT))
             .order_by("id")
             .first()
         )
@@ -313,19 +405,35 @@ def ingest_session_ended(
         contact_name=contact_name,
     )
     if conversation.is_active:
-        if isinstance(ended_at, str):
-            ended_at = parse_datetime(ended_at)
-        elif isinstance(ended_at, (int, float)):
-            ended_at = datetime.fromtimestamp(ended_at, tz=UTC)
+        ended_at = _as_datetime(ended_at)
         conversation_end(conversation, reason=reason or "ended", ended_at=ended_at)
         live.after_commit(live.conversation_changed, conversation)
     return conversation
+
+
+def _as_datetime(value) -> datetime | None:
+    """A time as Pinecall sends it: epoch seconds (what its SDK expects) or ISO 8601."""
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(value, str):
+        try:
+            return parse_datetime(value)
+        except ValueError:
+            return None
+    return None
 
 
 def ingest_pause_state(
     *, agent_id: str, paused: bool, session_id: str | None = None, contact: str | None = None
 ) -> None:
     """`session.paused` / `session.resumed`: state, whoever changed it."""
+    session_id = clean_id(session_id, SESSION_ID_MAX)[0] if session_id else None
+    contact = clean_id(contact, PHONE_MAX)[0] if contact else None
     if session_id:
         session_paused_set(session_id=session_id, paused=paused)
     elif contact:

@@ -161,6 +161,25 @@ def agent_state_changed(state) -> None:
     _send_html(OPERATORS_GROUP, render_agent_state(state))
 
 
+def worker_heartbeat(state) -> None:
+    """The worker is alive: pages compare this time with their clock."""
+    _send_html(
+        OPERATORS_GROUP,
+        render_to_string("conversations/_worker_heartbeat.html", {"agent_state": state, "oob": True}),
+    )
+
+
+def database_state_changed(*, available: bool) -> None:
+    """The worker cannot reach the database (or can again): every page says so.
+
+    Rendered without a query, since the database is what is missing.
+    """
+    _send_html(
+        OPERATORS_GROUP,
+        render_to_string("conversations/_db_status.html", {"available": available, "oob": True}),
+    )
+
+
 def _send_inbox_row(conversation) -> None:
     rows = getattr(_local, "rows", None)
     if rows is not None:

@@ -64,6 +64,15 @@ class Conversation(models.Model):
     unread_count = models.PositiveIntegerField(
         default=0, help_text="Customer messages the holder has not seen yet."
     )
+    # Customer messages Pinecall's history of the session holds and the live
+    # stream never brought (lost in a crash): shown to operators, never stored
+    # as messages, since the original may still arrive with its id.
+    unreceived = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Customer messages in Pinecall's history that this dashboard did not receive.",
+    )
+    unreceived_checked_at = models.DateTimeField(null=True, blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -161,13 +170,24 @@ class Message(models.Model):
     # A human send is stored at once; Pinecall then echoes it as a
     # `whatsapp.response` with source "human", which must not make a copy.
     echo_received = models.BooleanField(default=False)
+    # Replies carry no id on the wire: this key (session, the customer message
+    # it follows, its rank after it, its text) recognises a replayed one.
+    reply_key = models.CharField(max_length=64, null=True, blank=True)
+    altered = models.BooleanField(
+        default=False,
+        help_text="Stored with what could be stored: NUL bytes or broken characters removed, "
+        "over-long fields shortened.",
+    )
 
     created_at = models.DateTimeField(default=timezone.now)
     status_changed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
-        constraints = [models.UniqueConstraint(fields=["message_id"], name="uniq_message_id")]
+        constraints = [
+            models.UniqueConstraint(fields=["message_id"], name="uniq_message_id"),
+            models.UniqueConstraint(fields=["reply_key"], name="uniq_reply_key"),
+        ]
         indexes = [
             models.Index(fields=["conversation", "id"], name="msg_conversation"),
             models.Index(
@@ -220,10 +240,24 @@ class AgentState(models.Model):
     )
     paused_at = models.DateTimeField(null=True, blank=True)
     worker_connected = models.BooleanField(default=False)
-    worker_seen_at = models.DateTimeField(null=True, blank=True)
+    worker_seen_at = models.DateTimeField(
+        null=True, blank=True, help_text="The worker's last heartbeat (every few seconds while it runs)."
+    )
 
     def __str__(self) -> str:
         return self.agent_id
+
+    @property
+    def heartbeat_stale_seconds(self) -> float:
+        return settings.WORKER_HEARTBEAT_STALE_SECONDS
+
+    @property
+    def worker_live(self) -> bool:
+        """Connected, by a worker that is still alive: a dead one leaves a stale heartbeat."""
+        if not self.worker_connected or self.worker_seen_at is None:
+            return False
+        age = (timezone.now() - self.worker_seen_at).total_seconds()
+        return age < self.heartbeat_stale_seconds
 
 
 class Command(models.Model):
@@ -334,3 +368,36 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.operator} {self.get_action_display()} ({self.outcome})"
+
+
+class DeadLetter(models.Model):
+    """An event that could not be stored even after sanitising, kept with its frame.
+
+    Never a database outage (those are retried until the database is back): a
+    frame the data model refuses. Admins see them; once the cause is fixed,
+    "Store again" re-ingests the frame through the worker's path.
+    """
+
+    event = models.CharField(max_length=64, blank=True)
+    frame = models.JSONField(help_text="The event as Pinecall sent it.")
+    reason = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.event or 'frame'} #{self.pk}"
+
+
+class IngestCursor(models.Model):
+    """How far the worker has stored one spool file, written in the same
+    transaction as the events: a restart replays exactly what is after it."""
+
+    spool_id = models.CharField(max_length=64, unique=True)
+    seq = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.spool_id} @ {self.seq}"

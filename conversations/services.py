@@ -500,6 +500,7 @@ def agent_connection_set(*, agent_id: str, connected: bool) -> AgentState:
     state.save(update_fields=["worker_connected", "worker_seen_at"])
     if changed:
         live.after_commit(live.agent_state_changed, state)
+    live.after_commit(live.worker_heartbeat, state)
     return state
 
 

@@ -7,8 +7,13 @@ it is the channel-layer consumer of the `pinecall` channel, created at start
 module imports `pinecall_sdk`.
 
 Delivery rules:
-- Events: each is stored by one idempotent ingest service; one failing event is
-  logged with its frame and does not stop the others.
+- Events: each is appended to the spool (`conversations.spool`) the moment the
+  client hands it over, then stored from there, in order, by one idempotent
+  ingest service. A database that is unreachable is waited for (the spool
+  holds what arrives meanwhile); an event the database refuses even after
+  sanitising goes to the dead letters (`DeadLetter`), never silently away.
+- Crash-only: if the connection or the store loop dies for an unexpected
+  reason, the process exits non-zero for its manager to restart it.
 - Commands: the outbox in the database is the queue. A command is marked sent
   before its frame goes out and is never sent again after that, except pauses
   and resumes left in flight by a crash, which are safe to repeat.
@@ -21,25 +26,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 from asgiref.sync import sync_to_async
 from channels.consumer import AsyncConsumer
 from channels.worker import Worker
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+    close_old_connections,
+    transaction,
+)
 
 from conversations import ingest, live, services
 from conversations.live import WORKER_CHANNEL
-from conversations.models import Command, ContactPause, Conversation
+from conversations.models import Command, ContactPause, Conversation, DeadLetter, IngestCursor
+from conversations.spool import Spool
 from pinecall_sdk import Pinecall, PinecallError, PinecallTimeout
+from pinecall_sdk.events import parse_event
 
 logger = logging.getLogger("conversations.worker")
 
 OUTBOX_POLL_SECONDS = 2.0
 OUTBOX_BATCH = 200
 INGEST_BATCH = 500
+HEARTBEAT_SECONDS = 5.0
+DATABASE_RETRY_MAX_SECONDS = 5.0
+# Written into the spool when a connection registers: the replies that follow
+# may be repeats whose customer message came before the server's replay.
+REGISTERED_MARK = {"event": "_worker.registered"}
+
+
+def is_database_outage(error: BaseException) -> bool:
+    """An error of the database's availability, not of the data: wait and retry.
+
+    Connection refused or reset, a pool timeout, a server restarting (all
+    OperationalError or InterfaceError in Django), and a schema not migrated
+    yet (ProgrammingError): none is a reason to give an event up.
+    """
+    return isinstance(error, (OperationalError, InterfaceError, ProgrammingError))
 
 
 def _db(func: Callable) -> Callable:
@@ -61,6 +91,12 @@ def _open_commands(limit: int) -> list[Command]:
         .select_related("conversation", "operator")
         .order_by("id")[:limit]
     )
+
+
+@transaction.atomic
+def _mark_sent(commands: list[Command]) -> None:
+    for command in commands:
+        services.command_mark_sent(command=command)
 
 
 def _recover_in_flight() -> None:
@@ -95,12 +131,40 @@ def _pauses_to_reassert(agent_id: str) -> tuple[list[str], list[str], bool]:
     return sessions, contacts, agent_paused
 
 
-def store_batch(events: list, agent_id: str) -> None:
-    """Store events in one transaction; one that fails is logged and skipped.
+class ReplyAnchors:
+    """Which customer message each reply follows, in the order events arrive.
 
-    Each ingest service is atomic, so inside the batch it is a savepoint: a bad
-    event rolls back alone. If the batch itself cannot commit, each event is
-    tried again in a transaction of its own.
+    Replies carry no id; their place in the stream does (see
+    `ingest.ingest_response`). Forgotten when a connection registers: what the
+    server replays then may start with a reply whose customer message it did
+    not repeat.
+    """
+
+    def __init__(self) -> None:
+        self._by_session: dict[str, tuple[str, Counter]] = {}
+
+    def forget(self) -> None:
+        self._by_session.clear()
+
+    def customer_message(self, session_id: str, message_id: str) -> None:
+        self._by_session[session_id] = (message_id, Counter())
+
+    def reply(self, session_id: str, text: str) -> tuple[str | None, int]:
+        anchor = self._by_session.get(session_id)
+        if anchor is None:
+            return None, 1
+        message_id, seen = anchor
+        seen[text] += 1
+        return message_id, seen[text]
+
+
+def store_batch(events: list, agent_id: str, *, spool_id: str = "", seq: int = 0) -> None:
+    """Store events in one transaction, with how far the spool is stored.
+
+    Each ingest service is atomic, so inside the batch it is a savepoint: an
+    event the database refuses rolls back alone and goes to the dead letters.
+    A database outage raises (the caller keeps the batch and tries again), so
+    nothing is given up because the database was away.
     """
     with live.coalesced():
         try:
@@ -110,10 +174,27 @@ def store_batch(events: list, agent_id: str) -> None:
                         store_set_wise(run, agent_id)
                     else:
                         store_event(run[0], agent_id)
-        except DatabaseError:
+                _cursor_set(spool_id, seq)
+        except DatabaseError as error:
+            if is_database_outage(error):
+                raise
             logger.warning("a batch of %d events failed to commit; storing one by one", len(events))
             for event in events:
                 store_event(event, agent_id)
+            _cursor_set(spool_id, seq)
+
+
+def _cursor_set(spool_id: str, seq: int) -> None:
+    if spool_id:
+        IngestCursor.objects.update_or_create(spool_id=spool_id, defaults={"seq": seq})
+
+
+def cursor_get(spool_id: str) -> int:
+    return IngestCursor.objects.filter(spool_id=spool_id).values_list("seq", flat=True).first() or 0
+
+
+def cursor_delete(spool_id: str) -> None:
+    IngestCursor.objects.filter(spool_id=spool_id).delete()
 
 
 SET_WISE = frozenset({"whatsapp.session_started", "whatsapp.message"})
@@ -142,7 +223,9 @@ def store_set_wise(events: list, agent_id: str) -> None:
         with transaction.atomic():
             ingest.ingest_sessions_started([_session_start(e, agent_id) for e in starts])
             ingest.ingest_customer_messages([_customer_message(e, agent_id) for e in messages])
-    except Exception:
+    except Exception as error:
+        if is_database_outage(error):
+            raise
         logger.warning("storing %d events together failed; one by one", len(events), exc_info=True)
         for event in events:
             store_event(event, agent_id)
@@ -174,13 +257,29 @@ def _customer_message(e, agent_id: str) -> ingest.CustomerMessage:
 
 
 def store_event(event, agent_id: str) -> None:
+    """One event in a savepoint of its own; refused data goes to the dead letters."""
     try:
-        STORE[event.event](event, event.agent_id or agent_id)
-    except Exception:
-        # One bad event must not stop the others; its frame is in the log.
-        logger.exception("could not store %s: %r", event.event, getattr(event, "raw", event))
+        with transaction.atomic():
+            STORE[event.event](event, _agent_of(event, agent_id))
+    except Exception as error:
+        if is_database_outage(error):
+            raise
+        # The data itself is refused: keep the frame and why, for admins and a later retry.
+        logger.error("could not store %s (%s): kept as a dead letter", event.event, error)
+        DeadLetter.objects.create(
+            event=str(event.event)[:64], frame=_raw(event), reason=f"{type(error).__name__}: {error}"
+        )
     else:
         _log_stored(event)
+
+
+def _agent_of(event, agent_id: str) -> str:
+    return event.agent_id if isinstance(event.agent_id, str) and event.agent_id else agent_id
+
+
+def _raw(event) -> dict:
+    raw = getattr(event, "raw", None)
+    return raw if isinstance(raw, dict) else {"event": str(getattr(event, "event", ""))}
 
 
 def _log_stored(event) -> None:
@@ -200,7 +299,13 @@ STORE: dict[str, Callable] = {
         [_customer_message(e, agent_id)]
     ),
     "whatsapp.response": lambda e, agent_id: ingest.ingest_response(
-        agent_id=agent_id, session_id=e.session_id, to=e.to or "", text=e.text or "", source=e.source
+        agent_id=agent_id,
+        session_id=e.session_id,
+        to=e.to or "",
+        text=e.text or "",
+        source=e.source,
+        follows=getattr(e, "follows", None),
+        rank=getattr(e, "rank", 1),
     ),
     "whatsapp.status": lambda e, agent_id: ingest.ingest_status(
         message_id=e.message_id, status=e.status, recipient=e.recipient or ""
@@ -254,36 +359,45 @@ class PinecallBridge:
         self.client.on("connected", self._on_connected)
         self.client.on("disconnected", self._on_disconnected)
         self.client.on("error", self._on_client_error)
-        # Bounded: under a burst the client stops reading and TCP holds the rest,
-        # so little is in memory when the process dies.
-        self._events: asyncio.Queue = asyncio.Queue(maxsize=2 * INGEST_BATCH)
+        self.client.on("fatal", self._on_client_fatal)
+        # Every event reaches the spool the moment it is read; the store loop follows it.
+        self.spool = Spool(Path(settings.WORKER_SPOOL_DIR), self.agent_id)
+        self._appended = asyncio.Event()
+        self._anchors = ReplyAnchors()
+        self._stored_seq = 0  # of the active segment
         self._broadcasts: asyncio.Queue = asyncio.Queue()
         self._wake = asyncio.Event()
         self._registered = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
-        self.fatal: PinecallError | None = None
+        self.database_down = False
+        self.failure: BaseException | None = None
+        self._failed = asyncio.Event()
 
     # ---- lifecycle
 
     async def run(self) -> None:
-        """Connect (retrying while Pinecall is unreachable) and drain the outbox until stopped."""
-        await _db(_recover_in_flight)()
-        self._spawn(self._store_events())
-        self._spawn(self._send_broadcasts())
+        """Connect (retrying while Pinecall is unreachable) and drain the outbox until stopped.
+
+        Returns when stopped; raises when the bridge cannot go on (a rejected
+        key, a loop that died): the process then exits non-zero.
+        """
         loop = asyncio.get_running_loop()
         live.send_through(
             lambda group, message: loop.call_soon_threadsafe(
                 self._broadcasts.put_nowait, (group, message)
             )
         )
+        self._spawn(self._send_broadcasts(), vital=True)
+        self._spawn(self._store_from_spool(), vital=True)
+        await self._with_database(_recover_in_flight)
+        self._spawn(self._heartbeat(), vital=True)
         while not self._stopping.is_set():
             try:
                 await self.client.connect()
                 break
             except PinecallError as error:
                 if error.code == "UNAUTHORIZED":
-                    self.fatal = error
                     logger.error("Pinecall rejected the API key: %s", error)
                     raise
                 logger.warning("cannot reach Pinecall yet (%s); retrying in 2 s", error)
@@ -291,12 +405,125 @@ class PinecallBridge:
                 logger.warning("cannot reach Pinecall yet (%s); retrying in 2 s", error)
             await self._sleep(2.0)
         while not self._stopping.is_set():
-            await self._drain_when_registered()
+            if self._failed.is_set():
+                raise self.failure
+            try:
+                await self._drain_when_registered()
+            except DatabaseError as error:
+                if not is_database_outage(error):
+                    raise
+                self._database_unavailable(error)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=OUTBOX_POLL_SECONDS)
             except TimeoutError:
                 pass
+        if self._failed.is_set():
+            raise self.failure
+
+    def _fail(self, error: BaseException) -> None:
+        """Crash-only: something the bridge cannot do without has died."""
+        if self.failure is None:
+            self.failure = error
+            logger.error("the Pinecall bridge cannot go on: %r", error)
+        self._failed.set()
+        self._wake.set()
+
+    # ---- the database, waited for
+
+    async def _with_database(self, func: Callable, *args, **kwargs):
+        """Call `func` on the ORM thread until the database answers; data errors raise."""
+        delay = 0.25
+        while True:
+            try:
+                result = await _db(func)(*args, **kwargs)
+            except DatabaseError as error:
+                if not is_database_outage(error):
+                    raise
+                self._database_unavailable(error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DATABASE_RETRY_MAX_SECONDS)
+                continue
+            if self.database_down:
+                self.database_down = False
+                logger.warning("the database is back; storing what was kept meanwhile")
+                live.database_state_changed(available=True)
+            return result
+
+    def _database_unavailable(self, error: BaseException) -> None:
+        if not self.database_down:
+            self.database_down = True
+            logger.warning(
+                "the database is unavailable (%s); events are kept in the spool until it is back",
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+            )
+            live.database_state_changed(available=False)
+
+    async def _heartbeat(self) -> None:
+        """The banner's "Pinecall connected" is this fresh row, never a flag a dead worker left."""
+        while True:
+            try:
+                await _db(services.agent_connection_set)(
+                    agent_id=self.agent_id, connected=self.client.connected and self._registered.is_set()
+                )
+            except DatabaseError as error:
+                if not is_database_outage(error):
+                    raise
+                self._database_unavailable(error)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    # ---- the spool, stored in order
+
+    async def _store_from_spool(self) -> None:
+        """Store what earlier processes left in the spool, then follow this process's segment."""
+        for segment in list(self.spool.leftovers):
+            after = await self._with_database(cursor_get, segment.spool_id)
+            while records := segment.read(after, INGEST_BATCH):
+                await self._store_records(segment.spool_id, records)
+                after = records[-1][0]
+            self.spool.finished(segment)
+            await self._with_database(cursor_delete, segment.spool_id)
+            logger.info("replayed the spool left by an earlier worker (%s)", segment.spool_id)
+        while True:
+            self._appended.clear()
+            active = self.spool.active
+            records = active.read(self._stored_seq, INGEST_BATCH)
+            if records:
+                await self._store_records(active.spool_id, records)
+                self._stored_seq = records[-1][0]
+                continue
+            dropped = self.spool.roll_over_if_large(self._stored_seq)
+            if dropped:
+                self._stored_seq = 0
+                await self._with_database(cursor_delete, dropped)
+                continue
+            await self._appended.wait()
+
+    async def _store_records(self, spool_id: str, records: list) -> None:
+        """One batch: parsed once (reply anchors follow the stream), stored until it is."""
+        events = []
+        for _, frame in records:
+            if frame.get("event") == REGISTERED_MARK["event"]:
+                self._anchors.forget()
+                continue
+            try:
+                event = parse_event(frame)
+            except Exception as error:  # the spool holds what the client parsed: rare
+                logger.error("spool record not an event (%s): %.200r", error, frame)
+                continue
+            self._follow(event)
+            events.append(event)
+        await self._with_database(store_batch, events, self.agent_id, spool_id=spool_id, seq=records[-1][0])
+        if any(_is_resume_all(event) for event in events):
+            # Pinecall's resume-all cleared every level, humans' holds included.
+            self._spawn(self._reassert_pauses())
+
+    def _follow(self, event) -> None:
+        session_id = event.session_id if isinstance(getattr(event, "session_id", None), str) else ""
+        if event.event == "whatsapp.message" and isinstance(event.message_id, str):
+            self._anchors.customer_message(session_id, event.message_id)
+        elif event.event == "whatsapp.response":
+            event.follows, event.rank = self._anchors.reply(session_id, event.text or "")
 
     async def _send_broadcasts(self) -> None:
         """Operators' fragments, sent in the order they were made, without blocking storing."""
@@ -310,20 +537,27 @@ class PinecallBridge:
             except Exception as error:  # Redis down: browsers catch up from the database
                 logger.warning("could not notify group %s: %s", group, error)
 
+    def _all_stored(self) -> bool:
+        return not self.spool.leftovers and self._stored_seq >= self.spool.seq
+
     async def stop(self) -> None:
-        # What was received is stored and told before the tasks stop (a few seconds at most).
-        for queue in (self._events, self._broadcasts):
-            for _ in range(50):
-                if queue.empty():
-                    break
-                await asyncio.sleep(0.1)
+        # What was received is stored and told before the tasks stop (a few seconds at
+        # most); what is not stays in the spool for the next run.
+        await self.client.close()
+        for _ in range(50):
+            if self._all_stored() and self._broadcasts.empty():
+                break
+            await asyncio.sleep(0.1)
         live.send_through(None)
         self._stopping.set()
         self._wake.set()
         for task in list(self._tasks):
             task.cancel()
-        await self.client.close()
-        await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=False)
+        self.spool.close(all_stored=self._all_stored())
+        try:
+            await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=False)
+        except DatabaseError as error:
+            logger.warning("could not record the disconnection: %s", error)
         logger.info("worker stopped")
 
     def wake(self) -> None:
@@ -343,41 +577,37 @@ class PinecallBridge:
     async def _on_disconnected(self, *_args) -> None:
         self._registered.clear()
         logger.warning("disconnected from Pinecall")
-        await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=False)
+        self._spawn(self._record_connection(False))
 
     async def _on_client_error(self, error, *_args) -> None:
         logger.error("Pinecall client error: %s", error)
 
+    async def _on_client_fatal(self, error, *_args) -> None:
+        self._fail(error)
+
+    async def _record_connection(self, connected: bool) -> None:
+        await self._with_database(
+            services.agent_connection_set, agent_id=self.agent_id, connected=connected
+        )
+
     async def _on_registered(self, *_args) -> None:
         """After every (re)registration: restore humans' pauses, then send the outbox."""
-        await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=True)
-        self._spawn(self._reassert_pauses())
+        self.spool.append(REGISTERED_MARK)
+        self._appended.set()
         self._registered.set()
+        self._spawn(self._record_connection(True))
+        self._spawn(self._reassert_pauses())
         self.wake()
 
     # ---- events
 
     async def on_event(self, event) -> None:
-        """Queue the event for storing; events are stored in order, in batches."""
+        """Spool the event at once (a plain buffered write); the store loop takes it from there."""
         if event.event in STORED_EVENTS:
-            await self._events.put(event)
+            self.spool.append(_raw(event))
+            self._appended.set()
         else:
             logger.debug("event %s (not stored)", event.event)
-
-    async def _store_events(self) -> None:
-        """Store queued events: whatever has piled up goes in one transaction.
-
-        Under a burst this turns thousands of commits into a few, and repeated
-        notifications (one conversation's inbox row) into one per batch.
-        """
-        while True:
-            batch = [await self._events.get()]
-            while not self._events.empty() and len(batch) < INGEST_BATCH:
-                batch.append(self._events.get_nowait())
-            await _db(store_batch)(batch, self.agent_id)
-            if any(_is_resume_all(event) for event in batch):
-                # Pinecall's resume-all cleared every level, humans' holds included.
-                self._spawn(self._reassert_pauses())
 
     # ---- commands
 
@@ -392,8 +622,7 @@ class PinecallBridge:
         by_target: dict[tuple, list[Command]] = defaultdict(list)
         for command in commands:
             by_target[(command.scope, command.session_id, command.contact_phone)].append(command)
-        for command in commands:
-            await _db(services.command_mark_sent)(command=command)
+        await _db(_mark_sent)(commands)  # all or none: nothing is left "sent" unsent
         await asyncio.gather(*(self._run_in_order(chain) for chain in by_target.values()))
         if len(commands) == OUTBOX_BATCH:
             self.wake()
@@ -406,23 +635,27 @@ class PinecallBridge:
         try:
             await self._call_pinecall(command)
         except PinecallTimeout as error:
-            await _db(services.command_fail)(
-                command=command, code="TIMEOUT", message=f"Pinecall did not confirm in time ({error})."
+            await self._with_database(
+                services.command_fail,
+                command=command,
+                code="TIMEOUT",
+                message=f"Pinecall did not confirm in time ({error}).",
             )
             logger.warning("command %s %s: no confirmation", command.pk, command)
             return
         except PinecallError as error:
             if error.code == "CONNECTION_LOST" and command.kind != Command.Kind.SEND:
                 # A pause or resume is safe to repeat: back in the outbox it goes.
-                await _db(services.command_requeue)(command=command)
+                await self._with_database(services.command_requeue, command=command)
                 logger.warning("command %s %s: connection lost, requeued", command.pk, command)
                 return
-            await _db(services.command_fail)(
-                command=command, code=error.code or "ERROR", message=str(error)
+            await self._with_database(
+                services.command_fail, command=command, code=error.code or "ERROR", message=str(error)
             )
             logger.warning("command %s %s failed: %s %s", command.pk, command, error.code, error)
             return
-        await _db(services.command_confirm)(command=command)
+        # Pinecall did it: the answer is recorded even if the database has to come back first.
+        await self._with_database(services.command_confirm, command=command)
         logger.info("command %s %s confirmed", command.pk, command)
         if command.kind == Command.Kind.RESUME and command.scope == Command.Scope.AGENT:
             await self._reassert_pauses()
@@ -444,7 +677,9 @@ class PinecallBridge:
 
     async def _reassert_pauses(self) -> None:
         """Make Pinecall's pauses match what operators hold, after a reconnect or resume-all."""
-        sessions, contacts, agent_paused = await _db(_pauses_to_reassert)(self.agent_id)
+        sessions, contacts, agent_paused = await self._with_database(
+            _pauses_to_reassert, self.agent_id
+        )
         calls = [self.agent.pause(session_id) for session_id in sessions]
         calls += [self.agent.pause(contact=phone) for phone in contacts]
         if agent_paused:
@@ -455,7 +690,7 @@ class PinecallBridge:
         failures = [r for r in results if isinstance(r, Exception)]
         for session_id, result in zip(sessions, results):
             if isinstance(result, PinecallError) and result.code == "SESSION_NOT_FOUND":
-                await _db(ingest.ingest_session_ended)(
+                await self._with_database(ingest.ingest_session_ended,
                     agent_id=self.agent_id, session_id=session_id, reason="not_found"
                 )
         logger.info(
@@ -466,10 +701,21 @@ class PinecallBridge:
             len(failures),
         )
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro, *, vital: bool = False) -> None:
+        """A background task; a vital one that ends for any reason but a stop fails the bridge."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._task_done(t, vital))
+
+    def _task_done(self, task: asyncio.Task, vital: bool) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not vital:
+            logger.error("a worker task failed: %r", error, exc_info=error)
+        elif vital and not self._stopping.is_set():
+            self._fail(error or RuntimeError(f"{task.get_coro().__qualname__} ended"))
 
 
 # ---------------------------------------------------------------- Channels glue

@@ -74,6 +74,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "dashboard.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "dashboard.urls"
@@ -195,6 +196,10 @@ PINECALL_AGENT_PROMPT = env.str(
     "PINECALL_AGENT_PROMPT", default="You are a helpful support agent for our shop."
 )
 PINECALL_COMMAND_TIMEOUT = env.float("PINECALL_COMMAND_TIMEOUT", default=10.0)
+# Where the worker spools every event before storing it (local disk, per machine).
+WORKER_SPOOL_DIR = Path(env.str("WORKER_SPOOL_DIR", default=str(BASE_DIR / "var" / "spool")))
+# The banner says "Pinecall connected" only while the worker's heartbeat is this fresh.
+WORKER_HEARTBEAT_STALE_SECONDS = env.float("WORKER_HEARTBEAT_STALE_SECONDS", default=20.0)
 WHATSAPP_PHONE_NUMBER_ID = env.str("WHATSAPP_PHONE_NUMBER_ID", default="demo-phone-number-id")
 WHATSAPP_ACCESS_TOKEN = env.str("WHATSAPP_ACCESS_TOKEN", default="demo-access-token")
 WHATSAPP_VERIFY_TOKEN = env.str("WHATSAPP_VERIFY_TOKEN", default="") or None

@@ -14,8 +14,10 @@ from tests.factories import (
 
 
 @pytest.fixture(autouse=True)
-def _test_settings(settings):
+def _test_settings(settings, tmp_path):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Each test's in-process worker spools in a directory of its own.
+    settings.WORKER_SPOOL_DIR = tmp_path / "spool"
 
 
 @pytest.fixture

@@ -284,6 +284,25 @@
   }
   setInterval(function () { refreshTimes(document); }, 30000);
 
+  /* "Pinecall" is true only while the worker's heartbeat is fresh: a worker that
+   * died cannot say so, so the page notices its silence. */
+  function checkHeartbeat() {
+    var beat = $("#worker-heartbeat");
+    var pill = $("#agent-state [data-worker-pill]");
+    if (!beat || !beat.dataset.at) return;
+    var stale = serverNow() - parseFloat(beat.dataset.at) > (parseFloat(beat.dataset.staleAfter) || 20);
+    if (pill && stale && !pill.dataset.stale) {
+      pill.dataset.stale = "1";
+      pill.className = "pill pill-warn";
+      pill.title = "The worker has not been heard from: actions wait in the outbox until it is back";
+      pill.lastChild.textContent = "Pinecall offline";
+    } else if (!stale && ($("#agent-state.is-offline") || (pill && pill.dataset.stale))) {
+      // Heard from again: this user's banner, fresh.
+      htmx.ajax("GET", "/agent/state/", { target: "#agent-state", swap: "outerHTML" });
+    }
+  }
+  setInterval(checkHeartbeat, 5000);
+
   // ------------------------------------------------------------ the composer
 
   function composerChanged(box) {

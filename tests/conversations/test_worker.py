@@ -202,7 +202,10 @@ async def test_duplicate_and_malformed_frames_change_nothing(sim, worker):
         await sim.inject(frame)
     await sim.customer_says(phone="34633333333", text="second")
     await eventually(lambda: Message.objects.filter(text="second").exists())
-    assert await db(Message.objects.filter(author="customer").count)() == 2
+    # The repeats stored nothing; a frame with an odd field is stored with what it has.
+    assert await db(Message.objects.filter(author="customer").count)() == 3
+    odd = await db(only)(Message, message_id="wamid.bad")
+    assert odd.paused is True and odd.text == "first"  # the SDK reads "yes" as true
     assert await db(Conversation.objects.count)() == 1
 
 
@@ -259,8 +262,9 @@ async def test_session_end_is_stored(sim, worker):
     assert ended.end_reason == "idle_timeout" and ended.ended_at is not None
 
 
-async def test_an_event_the_database_refuses_does_not_stop_the_others(sim, worker):
-    """A session id longer than the column: PostgreSQL refuses the row; the next event lands."""
+async def test_an_over_long_session_id_is_fitted_and_the_message_kept(sim, worker):
+    """A session id longer than its column (PostgreSQL would refuse it; SQLite would not
+    notice): the id is shortened deterministically and the message stored, marked altered."""
     await sim.inject(
         {
             "event": "whatsapp.message",
@@ -276,3 +280,7 @@ async def test_an_event_the_database_refuses_does_not_stop_the_others(sim, worke
     )
     await sim.customer_says(phone="34699999999", name="Ivy", text="still there?")
     await eventually(lambda: Message.objects.filter(text="still there?").exists())
+    kept = await db(only)(Message, message_id="wamid.too-long-session")
+    assert kept.text == "too long an id" and kept.altered
+    conversation = await db(only)(Conversation, pk=kept.conversation_id)
+    assert len(conversation.session_id) == 64 and conversation.session_id.startswith("wa-fff")

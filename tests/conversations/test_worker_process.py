@@ -37,6 +37,8 @@ def start_worker(sim: Simulator, log: Path, **extra_env: str) -> subprocess.Pope
         "PINECALL_URL": sim.url,
         "PINECALL_API_KEY": "test-key",
         "PYTHONUNBUFFERED": "1",
+        # Kept across a restart of the same test's worker, never shared between tests.
+        "WORKER_SPOOL_DIR": str(log.parent / "spool"),
     }
     return subprocess.Popen(
         [sys.executable, "manage.py", "runworker", "pinecall"],

@@ -162,6 +162,7 @@ def stack(tmp_path_factory):
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         # Collected like a deployment (hashed, compressed), from this checkout's files.
         "DJANGO_STATIC_ROOT": str(tmp / "static"),
+        "WORKER_SPOOL_DIR": str(tmp / "spool"),
         "PYTHONUNBUFFERED": "1",
     }
     if os.environ.get("REDIS_URL"):
