@@ -5,15 +5,32 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 
-from conversations import services
+from conversations import services, worker
 from conversations.models import (
     AgentState,
     AuditEntry,
     Command,
     ContactPause,
     Conversation,
+    DeadLetter,
+    IngestCursor,
     Message,
 )
+
+
+class UnreceivedFilter(admin.SimpleListFilter):
+    """Conversations whose Pinecall history holds customer messages the stream never brought."""
+
+    title = "messages not received"
+    parameter_name = "unreceived"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Pinecall has messages we did not receive")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.exclude(unreceived=[])
+        return queryset
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -30,7 +47,7 @@ class ReadOnlyInline(admin.TabularInline):
 
 class MessageInline(ReadOnlyInline):
     model = Message
-    fields = ["created_at", "author", "operator", "type", "text", "status", "message_id"]
+    fields = ["created_at", "author", "operator", "type", "text", "status", "message_id", "altered"]
     readonly_fields = fields
     ordering = ["id"]
 
@@ -52,10 +69,13 @@ class ConversationAdmin(admin.ModelAdmin):
         "ai_paused",
         "needs_human",
         "message_count",
+        "unreceived_count",
         "last_message_at",
         "agent_id",
     ]
-    list_filter = ["state", "holder", "ai_paused", "needs_human", "agent_id", "held_by"]
+    list_filter = [
+        "state", "holder", "ai_paused", "needs_human", UnreceivedFilter, "agent_id", "held_by"
+    ]
     search_fields = ["contact_phone", "contact_name", "session_id", "messages__text"]
     list_select_related = ["held_by"]
     date_hierarchy = "started_at"
@@ -72,6 +92,10 @@ class ConversationAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # conversations come from Pinecall
+
+    @admin.display(description="not received")
+    def unreceived_count(self, conversation: Conversation) -> int:
+        return len(conversation.unreceived or [])
 
     @admin.action(description="Take over (pause the AI) for the selected conversations")
     def take_over(self, request, queryset):
@@ -106,7 +130,7 @@ class ConversationAdmin(admin.ModelAdmin):
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = ["created_at", "conversation", "author", "type", "short_text", "status"]
-    list_filter = ["author", "direction", "type", "status"]
+    list_filter = ["author", "direction", "type", "status", "altered"]
     search_fields = ["text", "message_id", "conversation__contact_phone"]
     list_select_related = ["conversation"]
     raw_id_fields = ["conversation", "operator"]
@@ -221,3 +245,50 @@ class AgentStateAdmin(admin.ModelAdmin):
                 self.message_user(request, str(refusal), messages.WARNING)
                 return
         self.message_user(request, "Requested; Pinecall's confirmation follows.")
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(admin.ModelAdmin):
+    """Events the database refused even after sanitising, with their frames."""
+
+    list_display = ["created_at", "event", "short_reason", "resolved_at"]
+    list_filter = ["event", ("resolved_at", admin.EmptyFieldListFilter)]
+    search_fields = ["reason", "event"]
+    readonly_fields = ["event", "frame", "reason", "created_at", "resolved_at"]
+    actions = ["store_again"]
+
+    @admin.display(description="reason")
+    def short_reason(self, dead_letter: DeadLetter) -> str:
+        return dead_letter.reason[:120]
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.action(description="Store again (after the cause is fixed)")
+    def store_again(self, request, queryset):
+        stored = failed = 0
+        for dead_letter in queryset.filter(resolved_at__isnull=True):
+            if worker.dead_letter_retry(dead_letter=dead_letter):
+                stored += 1
+            else:
+                failed += 1
+        if stored:
+            self.message_user(request, f"{stored} event(s) stored.", messages.SUCCESS)
+        if failed:
+            self.message_user(
+                request, f"{failed} event(s) still refused; the reason is updated.", messages.WARNING
+            )
+
+
+@admin.register(IngestCursor)
+class IngestCursorAdmin(admin.ModelAdmin):
+    """How far each worker spool is stored (a spool is removed once all of it is)."""
+
+    list_display = ["spool_id", "seq", "updated_at"]
+    readonly_fields = ["spool_id", "seq", "updated_at"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -52,6 +52,15 @@ def agent_open_command(agent_id: str) -> Command | None:
     )
 
 
+def conversations_to_reconcile(agent_id: str, *, limit: int = 500) -> list[tuple[int, str]]:
+    """Active conversations, newest first, whose Pinecall history the worker compares."""
+    return list(
+        Conversation.objects.filter(agent_id=agent_id, state=Conversation.State.ACTIVE)
+        .order_by("-last_message_at")
+        .values_list("pk", "session_id")[:limit]
+    )
+
+
 # ---------------------------------------------------------------- the inbox
 
 

@@ -10,6 +10,7 @@ The ingest of Pinecall's events lives beside this, in `conversations.ingest`.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -528,6 +529,40 @@ def conversation_end(conversation: Conversation, *, reason: str, ended_at=None) 
     _note(conversation, f"Conversation ended ({reason.replace('_', ' ')})")
 
 
+UNRECEIVED_SHOWN = 50
+
+
+@transaction.atomic
+def conversation_unreceived_set(*, conversation_id: int, pinecall_said: list[str]) -> list[str]:
+    """Compare what Pinecall's history says the customer wrote with what we stored.
+
+    What we lack is kept on the conversation for operators to read (marked as
+    recovered), never stored as messages: the original may still arrive with
+    its id. Returns the texts not received.
+    """
+    conversation = Conversation.objects.select_for_update().filter(pk=conversation_id).first()
+    if conversation is None:
+        return []
+    stored = Counter(
+        conversation.messages.filter(author=Message.Author.CUSTOMER).values_list("text", flat=True)
+    )
+    missing = []
+    for text in pinecall_said:
+        if stored[text] > 0:
+            stored[text] -= 1
+        else:
+            missing.append(text)
+    unreceived = [{"content": text} for text in missing[-UNRECEIVED_SHOWN:]]
+    conversation.unreceived_checked_at = timezone.now()
+    fields = ["unreceived_checked_at"]
+    if unreceived != conversation.unreceived:
+        conversation.unreceived = unreceived
+        fields += ["unreceived", "updated_at"]
+        live.after_commit(live.conversation_changed, conversation)
+    conversation.save(update_fields=fields)
+    return missing
+
+
 def conversation_touch(conversation: Conversation, message: Message) -> None:
     """Keep the inbox's columns in step with the newest message, and save them."""
     fields = conversation_record_message(conversation, message)
@@ -544,6 +579,12 @@ def conversation_record_message(conversation: Conversation, message: Message) ->
     if message.author == Message.Author.CUSTOMER:
         conversation.last_customer_message_at = message.created_at
         fields.append("last_customer_message_at")
+        if conversation.unreceived:
+            # It arrived after all: no longer one we lack.
+            texts = [entry.get("content") for entry in conversation.unreceived]
+            if message.text in texts:
+                del conversation.unreceived[texts.index(message.text)]
+                fields.append("unreceived")
         if conversation.held_by_id is not None:
             conversation.unread_count += 1
             fields.append("unread_count")

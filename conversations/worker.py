@@ -34,6 +34,7 @@ from asgiref.sync import sync_to_async
 from channels.consumer import AsyncConsumer
 from channels.worker import Worker
 from django.conf import settings
+from django.utils import timezone
 from django.db import (
     DatabaseError,
     InterfaceError,
@@ -43,9 +44,10 @@ from django.db import (
     transaction,
 )
 
-from conversations import ingest, live, services
+from conversations import ingest, live, selectors, services
 from conversations.live import WORKER_CHANNEL
 from conversations.models import Command, ContactPause, Conversation, DeadLetter, IngestCursor
+from conversations.sanitize import clean_text
 from conversations.spool import Spool
 from pinecall_sdk import Pinecall, PinecallError, PinecallTimeout
 from pinecall_sdk.events import parse_event
@@ -273,6 +275,21 @@ def store_event(event, agent_id: str) -> None:
         _log_stored(event)
 
 
+def dead_letter_retry(*, dead_letter: DeadLetter) -> bool:
+    """Store a dead letter's frame again (its cause fixed); True when it was stored."""
+    try:
+        event = parse_event(dead_letter.frame)
+        with live.coalesced(), transaction.atomic():
+            STORE[event.event](event, _agent_of(event, settings.PINECALL_AGENT_ID))
+    except Exception as error:
+        DeadLetter.objects.filter(pk=dead_letter.pk).update(
+            reason=f"{type(error).__name__}: {error}"[:2000]
+        )
+        return False
+    DeadLetter.objects.filter(pk=dead_letter.pk).update(resolved_at=timezone.now())
+    return True
+
+
 def _agent_of(event, agent_id: str) -> str:
     return event.agent_id if isinstance(event.agent_id, str) and event.agent_id else agent_id
 
@@ -373,6 +390,7 @@ class PinecallBridge:
         self.database_down = False
         self.failure: BaseException | None = None
         self._failed = asyncio.Event()
+        self._reconciled = False
 
     # ---- lifecycle
 
@@ -597,7 +615,49 @@ class PinecallBridge:
         self._registered.set()
         self._spawn(self._record_connection(True))
         self._spawn(self._reassert_pauses())
+        if not self._reconciled:
+            self._reconciled = True
+            self._spawn(self._reconcile_history())
         self.wake()
+
+    async def _reconcile_history(self) -> None:
+        """Once per process: what Pinecall's history holds that the stream never brought.
+
+        A crash loses what the kernel had read and not handed over; the server's
+        history of each active session still has it. Compared once the spool is
+        stored, so what is merely late is not reported as lost.
+        """
+        for _ in range(300):
+            if self._all_stored():
+                break
+            await asyncio.sleep(0.1)
+        conversations = await self._with_database(selectors.conversations_to_reconcile, self.agent_id)
+        lacking = 0
+        for conversation_id, session_id in conversations:
+            try:
+                history = await self.agent.get_history(session_id)
+            except PinecallError as error:
+                if error.code != "SESSION_NOT_FOUND":
+                    logger.warning("history of %s unavailable: %s", session_id, error)
+                continue
+            said = [
+                entry["content"]
+                for entry in history
+                if isinstance(entry, dict)
+                and entry.get("role") == "user"
+                and isinstance(entry.get("content"), str)
+            ]
+            missing = await self._with_database(
+                services.conversation_unreceived_set,
+                conversation_id=conversation_id,
+                pinecall_said=[clean_text(text)[0] for text in said],
+            )
+            lacking += len(missing)
+        logger.info(
+            "compared %d conversations with Pinecall's history: %d customer messages not received",
+            len(conversations),
+            lacking,
+        )
 
     # ---- events
 

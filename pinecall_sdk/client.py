@@ -15,6 +15,7 @@ Quick tour::
     await support.pause("wa-abc123")      # returns the session.paused confirmation
     await support.send_message(session_id="wa-abc123", contact="34612345678", text="Hi")
     await support.resume("wa-abc123")
+    history = await support.get_history("wa-abc123")   # [{"role": "user", "content": ...}, ...]
     await pc.close()
 
 Delivery guarantees of commands (``pause``, ``resume``, ``send_message``):
@@ -41,6 +42,9 @@ Delivery guarantees of commands (``pause``, ``resume``, ``send_message``):
   a little early; the state it reports is the same.
 * Timeouts: ``command_timeout`` (or ``timeout=`` per call) covers the wait in the
   queue and for the confirmation: :class:`PinecallTimeout` (code ``TIMEOUT``).
+* ``get_history`` follows the same rules (queued, not resent, timed out). Its answer,
+  ``history.data``, is matched by the ``request_id`` the server echoes; from a server
+  that echoes none, by ``call_id`` and else first in first out.
 
 Connection: ``connect()`` tries once and raises (``UNAUTHORIZED``, ``CONNECTION_TIMEOUT``,
 ``CONNECTION_FAILED``). After that, any unexpected close is followed by reconnects,
@@ -63,6 +67,25 @@ Events are handed to handlers in arrival order by one dispatch task, so a slow
 handler delays later handlers but never the socket reader (pings and confirmations
 keep flowing). Exceptions in handlers are logged and swallowed.
 
+Hostile or odd frames never stop the client: a frame that cannot be decoded or is not
+a JSON object with an ``event`` string (invalid UTF-8, not JSON, nesting deep enough
+for a RecursionError, ``[]``, ``null``...) is logged in one line (truncated) and
+skipped; a known field of the wrong type is read leniently (see ``parse_event``) and
+the event is delivered. Frames are parsed whatever their size up to ``max_frame_size``
+(16 MiB; nothing in this protocol comes near it, a WhatsApp text is at most 4096
+characters), so a large but valid frame, such as a long transcript, is delivered, not
+set aside. A bigger frame makes websockets close the connection (1009) and the client
+reconnects; that limit only bounds the memory one frame may take.
+
+Crash-only: if an unexpected exception escapes the client's own loops (reading and
+handling frames, dispatching, registering, pinging; a bug, never a handler's
+exception), the client does not idle on. It stops for good: ``failure`` is that
+exception, every pending command fails with ``PinecallError(code="INTERNAL")``, the
+socket is closed, ``"disconnected"`` (``reconnect=False``) and a fatal ``"error"``
+are delivered after the events already received, and then the ``"fatal"`` handlers
+are called with the exception and ``wait_failed()`` returns it. The process should
+exit and be restarted (the server keeps the agent's events meanwhile).
+
 The client is not thread-safe: use it from the event loop that called ``connect()``
 (from another thread, go through ``asyncio.run_coroutine_threadsafe``).
 """
@@ -77,6 +100,7 @@ import json
 import logging
 import os
 import random
+import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Union
 
@@ -97,6 +121,7 @@ from .events import (
     ErrorEvent,
     Event,
     EVENT_CLASSES,
+    HistoryDataEvent,
     ReconnectingEvent,
     RegisteredEvent,
     parse_event,
@@ -141,9 +166,42 @@ def reconnect_delay(
     return delay + delay * jitter * rand()
 
 
-def _truncate(text: Any, limit: int = _LOG_TEXT_MAX) -> str:
-    text = text if isinstance(text, str) else repr(text)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+def _truncate(text: str | bytes, limit: int = _LOG_TEXT_MAX) -> str:
+    """At most ``limit`` characters of a frame for a log line (bytes shown escaped)."""
+    head = text[:limit]
+    shown = head if isinstance(head, str) else repr(bytes(head))
+    if len(text) <= limit:
+        return shown
+    return f"{shown}... ({len(text)} {'chars' if isinstance(text, str) else 'bytes'})"
+
+
+class _EscapeUnprintable(logging.Filter):
+    """Escape NUL and lone surrogates in this logger's lines.
+
+    Wire text may hold both (they are delivered as sent); a lone surrogate cannot be
+    written to a UTF-8 log stream, so the line would be lost in a logging error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # a bad format string: let the handler report it as usual
+        safe = _escape_unprintable(message)
+        if safe != message:
+            record.msg, record.args = safe, ()
+        if record.exc_info and not record.exc_text:
+            trace = logging.Formatter().formatException(record.exc_info)
+            if _escape_unprintable(trace) != trace:  # else leave it to the handler's formatter
+                record.exc_text = _escape_unprintable(trace)
+        return True
+
+
+def _escape_unprintable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+logger.addFilter(_EscapeUnprintable())
 
 
 def _copy_error(err: PinecallError) -> PinecallError:
@@ -176,11 +234,12 @@ def _check_timeout(timeout: float | None) -> None:
 class _Command:
     seq: int
     agent: "Agent"
-    kind: str  # "session.pause" | "session.resume" | "session.send"
+    kind: str  # "session.pause" | "session.resume" | "session.send" | "history.get"
     frame: dict[str, Any]
-    session_id: str | None
+    session_id: str | None  # for history.get: the call_id
     contact: str | None
     future: asyncio.Future | None  # None: fire-and-forget frame (a late channel.add)
+    request_id: str | None = None
     sent: bool = False
 
     def describe(self) -> str:
@@ -362,6 +421,30 @@ class Agent:
         frame["text"] = text
         return await self._command("session.send", frame, session_id, contact, timeout)
 
+    async def get_history(self, session_id: str, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The server's chat history of a WhatsApp session, oldest first.
+
+        Entries are ``{"role": "user"|"assistant", "content": "..."}`` (customer messages
+        have role ``user``; servers may add keys). Sends ``history.get`` with
+        ``call_id=session_id`` and a fresh ``request_id``. Raises :class:`PinecallError`
+        with code ``SESSION_NOT_FOUND`` when the server has no such session, and
+        :class:`PinecallTimeout` without an answer in time. Entries that are not
+        objects are left out (``history.data`` handlers still see them in ``raw``).
+        """
+        _check_target(session_id, None)
+        if session_id is None:
+            raise PinecallInvalidArgument("get_history needs a session_id")
+        _check_timeout(timeout)
+        request_id = uuid.uuid4().hex
+        frame = {
+            "event": "history.get",
+            "agent_id": self.agent_id,
+            "call_id": session_id,
+            "request_id": request_id,
+        }
+        reply = await self._command("history.get", frame, session_id, None, timeout, request_id)
+        return [entry for entry in reply.messages or () if isinstance(entry, dict)]
+
     async def _target_command(
         self, kind: str, session_id: str | None, contact: str | None, timeout: float | None
     ) -> Event:
@@ -385,6 +468,7 @@ class Agent:
         session_id: str | None,
         contact: str | None,
         timeout: float | None,
+        request_id: str | None = None,
     ) -> Event:
         client = self._client
         client._raise_if_unusable()
@@ -394,7 +478,7 @@ class Agent:
         fut.add_done_callback(_mark_retrieved)
         cmd = _Command(
             seq=next(client._seq), agent=self, kind=kind, frame=frame,
-            session_id=session_id, contact=contact, future=fut,
+            session_id=session_id, contact=contact, future=fut, request_id=request_id,
         )
         self._outbox.append(cmd)
         self._wake.set()
@@ -664,7 +748,8 @@ class Pinecall:
     shrink them: ``reconnect_base_delay`` (1 s), ``reconnect_max_delay`` (30 s),
     ``reconnect_jitter`` (0.25), ``conflict_base_delay`` (1 s), ``conflict_max_delay``
     (15 s), ``conflict_give_up_after`` (90 s), ``conflict_retry_after_cap`` (None: the
-    server's ``retry_after_s`` is honoured in full), ``close_timeout`` (5 s).
+    server's ``retry_after_s`` is honoured in full), ``close_timeout`` (5 s); and
+    ``max_frame_size`` (16 MiB), the largest frame read (see the module docstring).
 
     Lifecycle handlers (``pc.on(name, handler)``): ``"connected"`` (the wire event),
     ``"disconnected"`` (:class:`DisconnectedEvent`, ``reconnect`` says whether the client
@@ -672,8 +757,10 @@ class Pinecall:
     (from 1) and ``delay``), ``"error"`` (:class:`ErrorEvent`: server errors not tied to
     a command, and failures the client gives up on, with ``fatal=True``),
     ``"registered"`` (:class:`RegisteredEvent`, per agent, after every (re-)registration;
-    also on ``agent.on("registered")``). ``pc.on`` with any other event name gets that
-    event of every agent; ``"*"`` gets everything.
+    also on ``agent.on("registered")``), ``"fatal"`` (called with the exception, not an
+    event, when the client failed for good; see :meth:`wait_failed`; never called for
+    a wire frame named "fatal", and not part of ``"*"``). ``pc.on`` with any other event
+    name gets that event of every agent; ``"*"`` gets every event.
     """
 
     reconnect_base_delay: float = 1.0
@@ -738,6 +825,9 @@ class Pinecall:
         self._queue: asyncio.Queue | None = None
         self._conn_tasks: set[asyncio.Task] = set()
         self._connect_lock: asyncio.Lock | None = None
+        self._failure: BaseException | None = None
+        self._failed_evt = asyncio.Event()
+        self._failure_task: asyncio.Task | None = None
         self.last_pong: float | None = None
 
     def __repr__(self) -> str:
@@ -755,6 +845,27 @@ class Pinecall:
     @property
     def agents(self) -> dict[str, Agent]:
         return dict(self._agents)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The unexpected exception that stopped the client for good, else None.
+
+        Set as soon as it happens (a rejected key or a displacement is not a failure).
+        """
+        return self._failure
+
+    async def wait_failed(self) -> BaseException:
+        """Wait until the client has failed for good; return the exception.
+
+        Returns once the socket is closed, pending commands have failed and the events
+        received before the failure have been handed to handlers (right before the
+        ``"fatal"`` handlers are called). Typical use: run it beside the application
+        and exit the process when it returns. It never returns for a client that is
+        only closed.
+        """
+        await self._failed_evt.wait()
+        assert self._failure is not None
+        return self._failure
 
     # -- public API ----------------------------------------------------------------------
 
@@ -778,7 +889,10 @@ class Pinecall:
         return agent
 
     def on(self, event: str, handler: Handler | None = None) -> Any:
-        """Lifecycle and global handlers; also usable as a decorator."""
+        """Lifecycle and global handlers; also usable as a decorator.
+
+        ``"fatal"`` handlers get the exception (see :meth:`wait_failed`), not an event.
+        """
         return self._add_handler(self._handlers, event, handler)
 
     def off(self, event: str, handler: Handler) -> None:
@@ -804,6 +918,9 @@ class Pinecall:
     async def _connect(self) -> None:
         if self._closed:
             raise PinecallError("the client is closed", code="CLOSED")
+        if self._failure is not None:
+            # Crash-only: a failed client is not restarted in place; the process is.
+            raise _copy_error(self._fatal) from self._failure
         if self._supervisor is not None and not self._supervisor.done():
             if self._connected:
                 return
@@ -866,6 +983,9 @@ class Pinecall:
                 await asyncio.wait((disp,), timeout=self.close_timeout)
                 if not disp.done():
                     disp.cancel()
+        failing = self._failure_task
+        if failing is not None and not failing.done() and failing is not current:
+            await asyncio.wait((failing,), timeout=self.close_timeout)  # its "fatal" handlers
         logger.info("pinecall client closed")
 
     async def __aenter__(self) -> "Pinecall":
@@ -925,13 +1045,13 @@ class Pinecall:
         await ws.send(json.dumps(frame))
 
     async def _guard(self, coro: Awaitable[None], what: str) -> None:
-        """Run a per-connection task: a closed socket ends it quietly, bugs are logged."""
+        """Run a per-connection task: a closed socket ends it quietly, a bug is fatal."""
         try:
             await coro
         except (ConnectionClosed, asyncio.CancelledError):
             pass
-        except Exception:
-            logger.exception("pinecall_sdk: %s failed", what)
+        except Exception as exc:
+            self._fail(exc, what)
 
     async def _discard(self, ws: ClientConnection) -> None:
         try:
@@ -1012,22 +1132,21 @@ class Pinecall:
             raise
 
     def _decode(self, message: str | bytes) -> Event | None:
-        """Parse one frame; a malformed one is logged at WARNING and skipped (None)."""
-        if isinstance(message, (bytes, bytearray, memoryview)):
-            try:
+        """Parse one frame (text, or UTF-8 JSON in a binary frame); None: skip it.
+
+        Whatever reading a frame raises (ValueError, RecursionError from deep nesting,
+        UnicodeError, MemoryError...) is about that frame alone: one WARNING line, and
+        the reader goes on with the next frame.
+        """
+        try:
+            if isinstance(message, (bytes, bytearray, memoryview)):
                 message = bytes(message).decode("utf-8")
-            except UnicodeDecodeError:
-                logger.warning("skipping a binary frame that is not UTF-8: %s", _truncate(bytes(message)))
-                return None
-        try:
-            data = json.loads(message)
-        except ValueError as exc:
-            logger.warning("skipping a frame that is not JSON (%s): %s", exc, _truncate(message))
-            return None
-        try:
-            return parse_event(data)
-        except ValueError as exc:
-            logger.warning("skipping a malformed frame (%s): %s", exc, _truncate(message))
+            return parse_event(json.loads(message))
+        except Exception as exc:
+            logger.warning(
+                "skipping a frame that is not a readable event (%s: %s): %s",
+                type(exc).__name__, _truncate(str(exc)), _truncate(message),
+            )
             return None
 
     # -- internals: the connection loop --------------------------------------------------
@@ -1087,28 +1206,20 @@ class Pinecall:
                     attempt = 0
                     self._begin_session(ws, connected)
                     break
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # pragma: no cover - a bug; do not die silently
-            logger.exception("pinecall_sdk: connection loop crashed")
-            self._terminate(PinecallError("internal error in the connection loop", code="INTERNAL"))
+        except Exception as exc:  # a bug (in reading, handling or reconnecting): crash-only
+            self._fail(exc, "connection loop")
 
     async def _read(self, ws: ClientConnection) -> tuple[int | None, str | None]:
+        # No catch-all here: a frame that cannot be read is skipped by _decode, so an
+        # exception out of _handle is a bug of the client and must be fatal (see _fail).
         try:
             async for message in ws:
                 ev = self._decode(message)
-                if ev is None:
-                    continue
-                try:
+                if ev is not None:
                     await self._handle(ws, ev)
-                except ConnectionClosed:
-                    raise
-                except Exception:
-                    logger.exception("pinecall_sdk: error handling %s", ev.event)
         except ConnectionClosed:
             pass
-        rcvd = getattr(ws, "close_code", None), getattr(ws, "close_reason", None)
-        return rcvd
+        return ws.close_code, ws.close_reason
 
     def _end_session(self, ws: ClientConnection, code: int | None, reason: str | None) -> bool:
         """Clean up after a close. True when the client should reconnect."""
@@ -1120,7 +1231,7 @@ class Pinecall:
             task.cancel()
         for agent in self._agents.values():
             agent._connection_lost()
-        if self._closing:
+        if self._closing or self._failure is not None:
             self._enqueue(DisconnectedEvent(code=code, reason=reason, reconnect=False), None)
             return False
         err = self._stop_error
@@ -1157,6 +1268,67 @@ class Pinecall:
             ErrorEvent(event="error", code=err.code, message=err.message, fatal=True, raw=err.frame or {}),
             None,
         )
+
+    def _fail(self, exc: BaseException, where: str) -> None:
+        """Crash-only: an unexpected exception escaped one of the client's loops.
+
+        Stop for good at once (pending commands fail now); closing the socket and
+        telling the application happen in a task of their own, as the caller may be
+        the very loop (reader, dispatcher) that has to be stopped.
+        """
+        if self._closed or self._failure is not None:
+            logger.error("pinecall_sdk: %s failed after the client stopped", where, exc_info=exc)
+            return
+        logger.critical(
+            "pinecall_sdk: %s failed; the client stops for good and will not reconnect", where,
+            exc_info=exc,
+        )
+        self._failure = exc
+        err = PinecallError(
+            f"the client failed ({where}: {type(exc).__name__}: {exc}); restart the process",
+            code="INTERNAL",
+        )
+        self._fatal = err
+        for agent in self._agents.values():
+            agent._registered = False
+            agent._fail_all(err)
+            agent._resolve_waiters(err)
+        self._failure_task = asyncio.get_running_loop().create_task(
+            self._shut_down_after_failure(exc, err), name="pinecall-failure"
+        )
+
+    async def _shut_down_after_failure(self, exc: BaseException, err: PinecallError) -> None:
+        supervisor = self._supervisor
+        if supervisor is not None and not supervisor.done():
+            supervisor.cancel()  # no more reading, no reconnect
+            await asyncio.wait((supervisor,))
+        for task in list(self._conn_tasks):
+            task.cancel()
+        ws, self._ws = self._ws, None
+        self._connected = False
+        self._connected_evt.clear()
+        if ws is not None:
+            await self._discard(ws)
+            self._enqueue(
+                DisconnectedEvent(code=ws.close_code, reason=ws.close_reason, reconnect=False), None
+            )
+        self._enqueue(
+            ErrorEvent(event="error", code=err.code, message=err.message, fatal=True), None
+        )
+        # Hand what was received to the handlers before saying "fatal": the application
+        # may exit the process as soon as it hears it.
+        dispatcher = self._dispatcher
+        if dispatcher is not None and not dispatcher.done() and self._queue is not None:
+            self._queue.put_nowait(None)
+            await asyncio.wait((dispatcher,))
+        self._failed_evt.set()
+        for handler in list(self._handlers.get("fatal", [])):
+            try:
+                result = handler(exc)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("pinecall_sdk: fatal handler %r raised", handler)
 
     # -- internals: incoming frames -------------------------------------------------------
 
@@ -1209,6 +1381,18 @@ class Pinecall:
                 agent = cmd.agent
                 if not cmd.future.done():
                     cmd.future.set_result(ev)
+        elif name == "history.data":
+            cmd = self._match_history(ev, agent)
+            if cmd is not None:
+                cmd.agent._inflight.remove(cmd)
+                agent = cmd.agent
+                if not cmd.future.done():
+                    if ev.error is None:
+                        cmd.future.set_result(ev)
+                    else:  # the protocol's only error here: the server has no such session
+                        cmd.future.set_exception(PinecallError(
+                            f"{cmd.describe()}: {ev.error}", code="SESSION_NOT_FOUND", frame=ev.raw,
+                        ))
         elif name == "error":
             deliver = self._handle_error(ws, ev, agent)
         elif name not in EVENT_CLASSES:
@@ -1255,6 +1439,15 @@ class Pinecall:
             ):
                 return cmd
         return cmds[0]
+
+    def _match_history(self, ev: HistoryDataEvent, agent: Agent | None) -> _Command | None:
+        """The ``history.get`` this ``history.data`` answers: by ``request_id`` when echoed
+        (none matching: a stale answer), else by ``call_id``, else the oldest."""
+        cmds = self._candidates(agent, "history.get")
+        if ev.request_id is not None:
+            return next((c for c in cmds if c.request_id == ev.request_id), None)
+        same_session = (c for c in cmds if c.session_id == ev.call_id)
+        return next(same_session, cmds[0] if cmds else None)
 
     def _handle_error(self, ws: ClientConnection, ev: ErrorEvent, agent: Agent | None) -> bool:
         """Route an ``error`` frame. True when it should go to ``error`` handlers."""
@@ -1316,20 +1509,24 @@ class Pinecall:
         if agent is not None:
             handlers += agent._handlers.get(ev.event, [])
             handlers += agent._handlers.get("*", [])
-        handlers += self._handlers.get(ev.event, [])
+        if ev.event != "fatal":  # the client's "fatal" handlers get exceptions, never a frame
+            handlers += self._handlers.get(ev.event, [])
         handlers += self._handlers.get("*", [])
         return handlers
 
     async def _dispatch_loop(self, queue: asyncio.Queue) -> None:
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            ev, agent = item
-            for handler in self._handlers_for(ev, agent):
-                try:
-                    result = handler(ev)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception:
-                    logger.exception("pinecall_sdk: handler %r for %s raised", handler, ev.event)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                ev, agent = item
+                for handler in self._handlers_for(ev, agent):
+                    try:
+                        result = handler(ev)
+                        if inspect.isawaitable(result):
+                            await result
+                    except Exception:
+                        logger.exception("pinecall_sdk: handler %r for %s raised", handler, ev.event)
+        except Exception as exc:  # a bug in dispatching (not in a handler): crash-only
+            self._fail(exc, "event dispatch")

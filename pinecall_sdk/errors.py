@@ -14,6 +14,7 @@ machine-readable ``code``:
                          the server executed it is unknown, and it is not resent
   ``CLOSED``             the client was closed (``pc.close()``)
   ``DISPLACED``          another connection took the agent over
+  ``INTERNAL``           the client failed for good (a bug; see ``Pinecall.wait_failed``)
   ``INVALID_ARGUMENT``   bad arguments, detected before anything is sent
                          (:class:`PinecallInvalidArgument`, also a ``ValueError``)
 """

@@ -8,15 +8,25 @@ reads them).
 
 Unknown event names parse into the generic :class:`Event`.
 
+Parsing is lenient on purpose: a frame is data from the network, and an event
+with one odd field is still worth delivering (nothing a customer writes may be
+lost). A known field of the wrong JSON type is read as well as it can be (see
+:func:`parse_event`) and never makes parsing fail; ``event.raw`` keeps the
+value as sent. Strings are kept exactly as decoded (NUL characters and lone
+surrogates included): sanitising is the application's job.
+
 :class:`DisconnectedEvent`, :class:`ReconnectingEvent` and :class:`RegisteredEvent`
 are not wire events: the client makes them for its lifecycle handlers.
 """
 
 from __future__ import annotations
 
+import json
 import keyword
+import logging
+import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 __all__ = [
     "Event",
@@ -36,6 +46,8 @@ __all__ = [
     "SessionPausedEvent",
     "SessionResumedEvent",
     "SessionSentEvent",
+    "ChannelAddedEvent",
+    "HistoryDataEvent",
     "DisconnectedEvent",
     "ReconnectingEvent",
     "RegisteredEvent",
@@ -43,23 +55,86 @@ __all__ = [
     "parse_event",
 ]
 
-# Accepted JSON types of a field. Booleans are never accepted as numbers.
-_STR = (str,)
-_BOOL = (bool,)
-_INT = (int,)
-_NUM = (int, float)
-_LIST = (list,)
-_DICT = (dict,)
-_TIME = (str, int, float)  # ISO 8601 string or a Unix timestamp
+logger = logging.getLogger("pinecall_sdk")
 
-_TYPE_NAMES = {
-    str: "a string",
-    bool: "a boolean",
-    int: "an integer",
-    float: "a number",
-    list: "a list",
-    dict: "an object",
-}
+_TRUE_WORDS = frozenset({"true", "yes", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "0"})
+
+
+# Readers of a field: the value as its documented type, or None when it has no
+# sensible reading. None (JSON null) never reaches them: it always means "absent".
+
+
+def _as_str(value: Any) -> str | None:
+    """A string as is; a number or boolean as its JSON text (12 -> "12"); else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return None  # an object or a list has no sensible text; ``raw`` still has it
+
+
+def _as_bool(value: Any) -> bool | None:
+    """A boolean as is; 0/1 and "true"/"false"/"yes"/"no"/"1"/"0" as booleans; else None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    return None
+
+
+def _as_number(value: Any) -> int | float | None:
+    """A finite number, also from a numeric string ("3.5"); booleans are not numbers."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            value = float(text)  # ValueError: no reading (_read makes it None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _as_int(value: Any) -> int | None:
+    number = _as_number(value)
+    if isinstance(number, float):
+        return int(number) if number.is_integer() else None
+    return number
+
+
+def _as_time(value: Any) -> str | int | float | None:
+    """An ISO 8601 string as is, or a number (Unix epoch seconds)."""
+    if isinstance(value, str):
+        return value
+    return _as_number(value)
+
+
+def _as_list(value: Any) -> list[Any] | None:
+    return value if isinstance(value, list) else None
+
+
+def _as_error(value: Any) -> str | None:
+    """The text of an ``error`` key: a string, an object's "message", else "error"; false: none."""
+    if value is False:
+        return None
+    if isinstance(value, str):
+        return value or "error"
+    if isinstance(value, dict) and isinstance(value.get("message"), str):
+        return value["message"]
+    return "error"
+
+
+Reader = Callable[[Any], Any]
+
+#: (event class, key, JSON type) already reported as read leniently: one warning each, not per frame
+_reported_readings: set[tuple[str, str, str]] = set()
 
 
 def _attr_name(key: str) -> str:
@@ -80,12 +155,10 @@ class Event:
     agent_id: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    #: wire key -> accepted JSON types (checked by parse_event; None is always accepted)
-    _schema: ClassVar[dict[str, tuple[type, ...]]] = {"agent_id": _STR}
-    #: wire keys that must be present and not null. Empty everywhere on purpose: an
-    #: event missing a field is still delivered (with None) rather than lost; e.g. a
+    #: wire key -> reader of its value. Every field is optional: an event missing a
+    #: field is still delivered (with None) rather than lost; e.g. a
     #: ``whatsapp.response`` for a direct send to a contact has no ``session_id``.
-    _required: ClassVar[tuple[str, ...]] = ()
+    _schema: ClassVar[dict[str, Reader]] = {"agent_id": _as_str}
 
     def get(self, key: str, default: Any = None) -> Any:
         """A key of the raw frame (``event.get("timestamp")``)."""
@@ -134,15 +207,15 @@ class ErrorEvent(Event):
     fatal: bool = False
 
     _schema: ClassVar = {
-        "agent_id": _STR,
-        "code": _STR,
-        "message": _STR,
-        "session_id": _STR,
-        "contact": _STR,
-        "retry_after_s": _NUM,
-        "holder_alive": _BOOL,
-        "used": _NUM,
-        "limit": _NUM,
+        "agent_id": _as_str,
+        "code": _as_str,
+        "message": _as_str,
+        "session_id": _as_str,
+        "contact": _as_str,
+        "retry_after_s": _as_number,
+        "holder_alive": _as_bool,
+        "used": _as_number,
+        "limit": _as_number,
     }
 
 
@@ -162,7 +235,7 @@ class AgentDisplacedEvent(Event):
 
     reason: str | None = None
 
-    _schema: ClassVar = {"agent_id": _STR, "reason": _STR}
+    _schema: ClassVar = {"agent_id": _as_str, "reason": _as_str}
 
 
 @dataclass(kw_only=True)
@@ -174,10 +247,10 @@ class WhatsAppSessionStartedEvent(Event):
     contact_name: str | None = None
 
     _schema: ClassVar = {
-        "agent_id": _STR,
-        "session_id": _STR,
-        "contact_phone": _STR,
-        "contact_name": _STR,
+        "agent_id": _as_str,
+        "session_id": _as_str,
+        "contact_phone": _as_str,
+        "contact_name": _as_str,
     }
 
 
@@ -198,14 +271,14 @@ class WhatsAppMessageEvent(Event):
     paused: bool | None = None
 
     _schema: ClassVar = {
-        "agent_id": _STR,
-        "session_id": _STR,
-        "from": _STR,
-        "name": _STR,
-        "type": _STR,
-        "text": _STR,
-        "message_id": _STR,
-        "paused": _BOOL,
+        "agent_id": _as_str,
+        "session_id": _as_str,
+        "from": _as_str,
+        "name": _as_str,
+        "type": _as_str,
+        "text": _as_str,
+        "message_id": _as_str,
+        "paused": _as_bool,
     }
 
 
@@ -219,11 +292,11 @@ class WhatsAppResponseEvent(Event):
     source: str | None = None
 
     _schema: ClassVar = {
-        "agent_id": _STR,
-        "session_id": _STR,
-        "to": _STR,
-        "text": _STR,
-        "source": _STR,
+        "agent_id": _as_str,
+        "session_id": _as_str,
+        "to": _as_str,
+        "text": _as_str,
+        "source": _as_str,
     }
 
 
@@ -237,11 +310,11 @@ class WhatsAppStatusEvent(Event):
     session_id: str | None = None
 
     _schema: ClassVar = {
-        "agent_id": _STR,
-        "status": _STR,
-        "recipient": _STR,
-        "message_id": _STR,
-        "session_id": _STR,
+        "agent_id": _as_str,
+        "status": _as_str,
+        "recipient": _as_str,
+        "message_id": _as_str,
+        "session_id": _as_str,
     }
 
 
@@ -261,17 +334,17 @@ class WhatsAppSessionEndedEvent(Event):
     messages: list[Any] | None = None
 
     _schema: ClassVar = {
-        "agent_id": _STR,
-        "session_id": _STR,
-        "contact_phone": _STR,
-        "contact_name": _STR,
-        "reason": _STR,
-        "started_at": _TIME,
-        "ended_at": _TIME,
-        "duration": _NUM,
-        "message_count": _INT,
-        "transcript": _LIST,
-        "messages": _LIST,
+        "agent_id": _as_str,
+        "session_id": _as_str,
+        "contact_phone": _as_str,
+        "contact_name": _as_str,
+        "reason": _as_str,
+        "started_at": _as_time,
+        "ended_at": _as_time,
+        "duration": _as_number,
+        "message_count": _as_int,
+        "transcript": _as_list,
+        "messages": _as_list,
     }
 
 
@@ -280,7 +353,7 @@ class _SessionTargetEvent(Event):
     session_id: str | None = None
     contact: str | None = None
 
-    _schema: ClassVar = {"agent_id": _STR, "session_id": _STR, "contact": _STR}
+    _schema: ClassVar = {"agent_id": _as_str, "session_id": _as_str, "contact": _as_str}
 
 
 @dataclass(kw_only=True)
@@ -299,6 +372,39 @@ class SessionResumedEvent(_SessionTargetEvent):
 @dataclass(kw_only=True)
 class SessionSentEvent(_SessionTargetEvent):
     """``session.sent``: the server accepted a ``session.send``."""
+
+
+@dataclass(kw_only=True)
+class ChannelAddedEvent(Event):
+    """``channel.added``: the server took a ``channel.add`` (older servers send nothing)."""
+
+    type: str | None = None
+    ref: str | None = None
+
+    _schema: ClassVar = {"agent_id": _as_str, "type": _as_str, "ref": _as_str}
+
+
+@dataclass(kw_only=True)
+class HistoryDataEvent(Event):
+    """``history.data``: the answer to ``history.get`` (see :meth:`Agent.get_history`).
+
+    ``call_id`` is the WhatsApp ``session_id``; ``messages`` the chat history,
+    ``[{"role": "user"|"assistant", "content": ...}]``. ``error`` is set when the
+    server has no such session (its text; an ``error`` object's ``message``).
+    """
+
+    request_id: str | None = None
+    call_id: str | None = None
+    messages: list[Any] | None = None
+    error: str | None = None
+
+    _schema: ClassVar = {
+        "agent_id": _as_str,
+        "request_id": _as_str,
+        "call_id": _as_str,
+        "messages": _as_list,
+        "error": _as_error,
+    }
 
 
 # --- client lifecycle (not on the wire) -------------------------------------
@@ -352,28 +458,40 @@ EVENT_CLASSES: dict[str, type[Event]] = {
     "session.paused": SessionPausedEvent,
     "session.resumed": SessionResumedEvent,
     "session.sent": SessionSentEvent,
+    "channel.added": ChannelAddedEvent,
+    "history.data": HistoryDataEvent,
 }
 
 
-def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):
-        return bool in types
-    return isinstance(value, types)
+def _read(cls: type[Event], name: str, key: str, value: Any) -> Any:
+    """The field's reader applied to ``value``; an unexpected JSON type is reported once."""
+    try:
+        result = cls._schema[key](value)
+    except Exception:  # e.g. a numeric string too long for int(): no reading, not an error
+        result = None
+    if result is None or type(result) is not type(value):
+        # Keyed by class, not event name: unknown names are unbounded, classes are not.
+        kind = (cls.__name__, key, type(value).__name__)
+        if kind not in _reported_readings:
+            _reported_readings.add(kind)
+            logger.warning(
+                "%s: %r was %s, read as %s (the frame's raw keeps the value as sent;"
+                " reported once)", name, key, type(value).__name__,
+                "None" if result is None else type(result).__name__,
+            )
+    return result
 
 
-def _describe(types: tuple[type, ...]) -> str:
-    if types == _NUM:
-        return "a number"
-    return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-
-
-def parse_event(frame: dict[str, Any]) -> Event:
+def parse_event(frame: Any) -> Event:
     """Turn one decoded frame into its typed event.
 
-    Raises ``ValueError`` with a clear message when the frame is not a dict, has no
-    string ``event``, or a known key has the wrong JSON type
-    (e.g. ``paused`` not a boolean, ``text`` not a string). ``null`` is accepted
-    for any known key and read as "absent".
+    Raises ``ValueError`` only when the frame cannot be an event at all: not a JSON
+    object, or no non-empty string ``event``. Known keys never make it fail: ``null``
+    or a missing key is None; a value of the wrong JSON type is read leniently
+    (a number where a string belongs becomes its text, ``12`` -> ``"12"``; ``"true"``,
+    ``"no"``, ``1``, ``0`` are booleans; a numeric string is a number; anything
+    without a sensible reading, like an object where text belongs, is None) and
+    reported in the log once per event type, key and JSON type.
     """
     if not isinstance(frame, dict):
         raise ValueError(f"frame must be a JSON object, not {type(frame).__name__}")
@@ -381,28 +499,20 @@ def parse_event(frame: dict[str, Any]) -> Event:
         raise ValueError("frame has no 'event' key")
     name = frame["event"]
     if not isinstance(name, str) or not name:
-        raise ValueError(f"'event' must be a non-empty string, not {name!r}")
+        raise ValueError("'event' must be a non-empty string")
     cls = EVENT_CLASSES.get(name, Event)
     kwargs: dict[str, Any] = {}
-    for key, types in cls._schema.items():
+    for key in cls._schema:
         value = frame.get(key)
-        if value is None:
-            continue
-        if not _type_ok(value, types):
-            raise ValueError(
-                f"{name}: {key!r} must be {_describe(types)}, not {type(value).__name__} ({value!r:.60})"
-            )
-        kwargs[_attr_name(key)] = value
-    for key in cls._required:
-        if frame.get(key) is None:
-            raise ValueError(f"{name}: missing {key!r}")
-    if cls is ErrorEvent and "message" not in kwargs:
+        if value is not None:
+            kwargs[_attr_name(key)] = _read(cls, name, key, value)
+    if cls is ErrorEvent and kwargs.get("message") is None:
         legacy = frame.get("error")
         if isinstance(legacy, str):
             kwargs["message"] = legacy
         elif isinstance(legacy, dict):
             if isinstance(legacy.get("message"), str):
                 kwargs["message"] = legacy["message"]
-            if "code" not in kwargs and isinstance(legacy.get("code"), str):
+            if kwargs.get("code") is None and isinstance(legacy.get("code"), str):
                 kwargs["code"] = legacy["code"]
     return cls(event=name, raw=frame, **kwargs)

@@ -35,10 +35,21 @@ Our choices
   reason; any other agents it held count as dropped. Conflict mode answers
   ``AGENT_CONFLICT`` with ``retry_after_s`` (5) and ``holder_alive`` (true).
 * Capacity counts agents currently held by a live connection.
-* ``channel.add`` is not confirmed (the protocol documents no confirmation);
-  it is validated (``type`` must be "whatsapp", ``ref`` and ``accessToken``
-  non-empty strings, ``verifyToken`` / ``appSecret`` / ``phone`` strings when
-  present) and repeated adds replace the channel.
+* ``channel.add`` is answered by ``channel.added`` (``agent_id``, ``type``,
+  ``ref``), as the JavaScript SDK expects; it is validated first (``type`` must
+  be "whatsapp", ``ref`` and ``accessToken`` non-empty strings, ``verifyToken``
+  / ``appSecret`` / ``phone`` strings when present) and repeated adds replace
+  the channel.
+* ``history.get`` / ``history.set`` / ``history.add`` name the session by
+  ``call_id`` (a WhatsApp ``session_id``) and are answered by ``history.data``
+  (``messages``: the session's chat history, ``{role, content}``, customer
+  messages with role "user") / ``history.updated``, echoing ``call_id`` and,
+  when given, ``request_id``. Only live sessions of the agent are known: any
+  other ``call_id`` gets the same reply with an ``error`` key (no
+  ``messages``). ``history.set`` replaces the history the AI sees (and the
+  ``transcript`` of ``session_ended``), ``history.add`` appends to it; their
+  ``messages`` must be ``{role, content}`` objects with string values, else
+  INVALID_COMMAND. A missing ``call_id`` is INVALID_COMMAND.
 * Commands other than ``connect`` / ``ping`` / ``pong`` / ``agent.create``
   must name an agent registered on the same connection, else INVALID_COMMAND.
   A target key present with ``null`` or a non-string value is INVALID_COMMAND
@@ -64,16 +75,22 @@ Our choices
   the delay stops the answer. Statuses are sent, delivered, read for every
   outgoing message, ``status_delay`` apart (``receipt_limits`` can make a
   recipient stop at "sent"/"delivered", or fail).
-* ``session_ended.duration`` is seconds as a float (3 decimals); timestamps
-  are ISO-8601 UTC with milliseconds; ``messages`` entries are
-  ``{message_id, role, source, type, text, timestamp}`` with source
-  "customer", "ai" or "human"; ``session_history`` entries for customer
-  messages have ``source: "customer"``.
+* ``session_ended``: ``started_at`` / ``ended_at`` are Unix epoch seconds
+  (numbers, 3 decimals, as the JavaScript SDK expects) and ``duration`` is
+  seconds as a float; ``transcript`` is the chat history ``{role, content}``;
+  ``messages`` entries are ``{role, content}`` plus the message's record
+  ``message_id``, ``source`` ("customer", "ai" or "human"), ``type``, ``text``
+  and ``timestamp`` (ISO-8601 UTC with milliseconds). ``session_history``
+  entries for customer messages have ``source: "customer"``.
+* Frames are JSON with non-ASCII characters as they are, except lone
+  surrogates, which are escaped (``\\ud800``) as JavaScript's JSON.stringify
+  does: they cannot be encoded in a UTF-8 text frame.
 * Error frames: ``{"event":"error","code","message"}`` plus ``agent_id`` /
   ``session_id`` when the command named them (and ``retry_after_s`` /
   ``holder_alive`` for AGENT_CONFLICT, ``used`` / ``limit`` for
-  SERVER_AT_CAPACITY). A failure inside the simulator itself answers
-  ``INTERNAL_ERROR`` and keeps the connection.
+  SERVER_AT_CAPACITY, the ``request_id`` of a ``history.*`` command). A
+  failure inside the simulator itself answers ``INTERNAL_ERROR`` and keeps
+  the connection.
 * Demo sessions (``demo=True``) end after ``min(idle_timeout,
   demo_idle_timeout)`` (3 minutes by default); see ``demo.py``.
 """
@@ -126,11 +143,17 @@ class CommandError(Exception):
 
 
 def _dumps(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: escape it, as JSON.stringify does
+        text = json.dumps(frame, separators=(",", ":"))
+    return text
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= _LOG_LIMIT else text[:_LOG_LIMIT] + "…"
+def _short(text: str | bytes) -> str:
+    shown = text[:_LOG_LIMIT] if isinstance(text, str) else repr(text[:_LOG_LIMIT])
+    return shown if len(text) <= _LOG_LIMIT else shown + "…"
 
 
 class _Connection:
@@ -148,15 +171,21 @@ class _Connection:
         self.writer = asyncio.create_task(self._write_loop(), name=f"sim-writer-{number}")
 
     # Everything goes through the queue, so frames leave in the order produced.
-    def send(self, frame: dict[str, Any] | str, text: str | None = None) -> None:
-        """Queue a frame (a dict, or a str sent verbatim); ``text`` is the dict pre-encoded."""
+    def send(self, frame: dict[str, Any] | str | bytes, text: str | None = None) -> None:
+        """Queue a frame: a dict, a str sent verbatim, or bytes sent as a binary frame.
+
+        ``text`` is the dict pre-encoded.
+        """
         if self.closing or self.writer.done():
             return
-        if isinstance(frame, str):
-            text, frame = frame, _parse_or_raw(frame)
-        elif text is None:
-            text = _dumps(frame)
-        self._queue.put_nowait(text)
+        data: str | bytes
+        if isinstance(frame, bytes):
+            data, frame = frame, {"_raw": frame.decode("utf-8", errors="replace"), "_binary": True}
+        elif isinstance(frame, str):
+            data, frame = frame, _parse_or_raw(frame)
+        else:
+            data = _dumps(frame) if text is None else text
+        self._queue.put_nowait(data)
         self.sim.sent.append(frame)
 
     def close(self, code: int, reason: str) -> None:
@@ -181,7 +210,7 @@ class _Connection:
         try:
             while True:
                 item = await self._queue.get()
-                if isinstance(item, str):
+                if isinstance(item, (str, bytes)):
                     if log.isEnabledFor(logging.INFO):
                         log.info("%s -> %s", self.name, _short(item))
                     await ws.send(item)
@@ -206,7 +235,7 @@ class _Connection:
 def _parse_or_raw(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         return {"_raw": text}
     return value if isinstance(value, dict) else {"_raw": text}
 
@@ -222,7 +251,8 @@ class Simulator:
     ``sent`` (every frame handed to a client), ``receipt_limits``,
     ``agent(agent_id)`` (the server's record: config, channel, pause levels),
     ``pause()`` / ``resume()`` (server-side state changes, confirmed to the
-    agent), ``close_connections()`` (clean close with a code) and
+    agent), ``inject()`` (any frame, hostile ones included: a str sent verbatim,
+    bytes as a binary frame), ``close_connections()`` (clean close with a code) and
     ``customer_says(..., idle_timeout=)`` (per-session override).
     """
 
@@ -293,6 +323,9 @@ class Simulator:
             "session.pause": self._cmd_pause,
             "session.resume": self._cmd_resume,
             "session.send": self._cmd_send,
+            "history.get": self._cmd_history_get,
+            "history.set": self._cmd_history_set,
+            "history.add": self._cmd_history_add,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -601,6 +634,67 @@ class Simulator:
             self._opt_str(frame, key, aid)
         agent.whatsapp = {k: v for k, v in frame.items() if k != "event"}
         log.info("agent %s: WhatsApp channel %s added", aid, frame["ref"])
+        conn.send({"event": "channel.added", "agent_id": aid, "type": "whatsapp",
+                   "ref": frame["ref"]})
+
+    # -- per-session requests (history.*): correlated by call_id and an echoed request_id
+
+    def _history_request(
+        self, conn: _Connection, frame: dict[str, Any], answer: str
+    ) -> tuple[dict[str, Any], Session | None]:
+        """The reply to fill in, and the live session named by ``call_id`` (None: unknown).
+
+        An unknown session is answered here, with ``error``.
+        """
+        agent = self._own_agent(conn, frame)
+        aid = agent.agent_id
+        reply: dict[str, Any] = {"event": answer, "agent_id": aid}
+        if "request_id" in frame:
+            reply["request_id"] = frame["request_id"]
+        call_id = frame.get("call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise CommandError(
+                "INVALID_COMMAND", f"{frame['event']} needs call_id (a session_id)",
+                agent_id=aid, request_id=frame.get("request_id"),
+            )
+        reply["call_id"] = call_id
+        session = self._live_session(agent, call_id)
+        if session is None:
+            reply["error"] = f"no active session {call_id!r} for agent {aid!r}"
+            conn.send(reply)
+        return reply, session
+
+    def _cmd_history_get(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        reply, session = self._history_request(conn, frame, "history.data")
+        if session is not None:
+            reply["messages"] = session.transcript()
+            conn.send(reply)
+
+    def _history_entries(self, frame: dict[str, Any]) -> list[dict[str, str]]:
+        messages = frame.get("messages")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"]
+            and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise CommandError(
+                "INVALID_COMMAND", "messages must be a list of {role, content} objects of strings",
+                agent_id=frame.get("agent_id"), request_id=frame.get("request_id"),
+            )
+        # "api": written through the protocol, neither the customer nor the AI nor a human
+        return [{"role": m["role"], "content": m["content"], "source": "api"} for m in messages]
+
+    def _cmd_history_set(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        reply, session = self._history_request(conn, frame, "history.updated")
+        if session is not None:
+            session.history = self._history_entries(frame)
+            conn.send(reply)
+
+    def _cmd_history_add(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        reply, session = self._history_request(conn, frame, "history.updated")
+        if session is not None:
+            session.history.extend(self._history_entries(frame))
+            conn.send(reply)
 
     def _targets(self, agent: AgentState, frame: dict[str, Any]) -> tuple[str | None, str | None]:
         aid = agent.agent_id
@@ -965,15 +1059,22 @@ class Simulator:
         agent = self._agents.get(agent_id)
         return [agent.conn] if agent is not None and agent.conn is not None else []
 
-    async def inject(self, frame: dict[str, Any] | str, agent_id: str | None = None) -> int:
-        """Send a raw frame (str verbatim, dict as JSON) to the agent's connection, or to all.
+    async def inject(self, frame: dict[str, Any] | str | bytes, agent_id: str | None = None) -> int:
+        """Send a raw frame to the agent's connection, or to all: a dict as JSON, a str
+        verbatim as a text frame (anything, JSON or not), bytes as a binary frame
+        (invalid UTF-8 included). For hostile-input tests.
 
-        Waits until it has been written; returns the number of connections.
+        Waits until it has been written; returns the number of connections. A str
+        must be encodable as UTF-8 (no lone surrogates: escape them as JSON does).
         """
         targets = self._connections_of(agent_id)
-        text = frame if isinstance(frame, str) else _dumps(frame)
+        if isinstance(frame, str):
+            frame.encode("utf-8")  # fail here, not in the connection's writer
+            data: str | bytes = frame
+        else:
+            data = frame if isinstance(frame, bytes) else _dumps(frame)
         for conn in targets:
-            conn.send(text)
+            conn.send(data)
         await asyncio.gather(*(c.flush() for c in targets))
         return len(targets)
 

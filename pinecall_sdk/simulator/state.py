@@ -30,6 +30,11 @@ def iso(dt: datetime) -> str:
     return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def epoch(dt: datetime) -> float:
+    """Unix epoch seconds with millisecond precision (what the JavaScript SDK expects)."""
+    return round(dt.timestamp(), 3)
+
+
 def normalize_phone(phone: str) -> str:
     """Phones on the wire are digits only, no ``+`` (``+34 612-345-678`` -> ``34612345678``)."""
     return _NON_DIGITS.sub("", phone)
@@ -108,6 +113,7 @@ class Session:
         return record
 
     def transcript(self) -> list[dict[str, str]]:
+        """The chat history as the protocol carries it: ``{"role", "content"}``."""
         return [{"role": h["role"], "content": h["content"]} for h in self.history]
 
     def ended_frame(self) -> dict[str, Any]:
@@ -120,12 +126,16 @@ class Session:
             "contact_phone": self.contact_phone,
             "contact_name": self.contact_name,
             "reason": self.end_reason,
-            "started_at": iso(self.started_at),
-            "ended_at": iso(self.ended_at),
+            "started_at": epoch(self.started_at),
+            "ended_at": epoch(self.ended_at),
             "duration": round((self.ended_at - self.started_at).total_seconds(), 3),
             "message_count": self.message_count,
             "transcript": self.transcript(),
-            "messages": [dict(m) for m in self.messages],
+            # Chat history entries ({role, content}) that also carry the message's record.
+            "messages": [
+                {"role": m["role"], "content": history_content(m["type"], m["text"]), **m}
+                for m in self.messages
+            ],
         }
 
 

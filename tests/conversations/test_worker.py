@@ -284,3 +284,47 @@ async def test_an_over_long_session_id_is_fitted_and_the_message_kept(sim, worke
     assert kept.text == "too long an id" and kept.altered
     conversation = await db(only)(Conversation, pk=kept.conversation_id)
     assert len(conversation.session_id) == 64 and conversation.session_id.startswith("wa-fff")
+
+
+async def test_a_spool_left_by_a_crashed_worker_is_stored_first(sim, start_worker, settings):
+    """A worker killed after reading events and before storing them left them in its
+    spool: the next worker stores them before anything new, then removes the file."""
+    import json
+    from pathlib import Path
+
+    spool = Path(settings.WORKER_SPOOL_DIR)
+    spool.mkdir(parents=True, exist_ok=True)
+    left = spool / "support-0123456789abcdef.jsonl"
+    frames = [
+        {"event": "whatsapp.message", "session_id": "wa-leftover0001", "from": "34600000001",
+         "name": "Left", "type": "text", "text": f"kept {n}", "message_id": f"wamid.left{n}"}
+        for n in range(5)
+    ]
+    left.write_text("".join(json.dumps([n + 1, f]) + "\n" for n, f in enumerate(frames)))
+    bridge = await start_worker()
+    await eventually(lambda: Message.objects.filter(text__startswith="kept").count() == 5)
+    await eventually(lambda: not left.exists())
+    texts = await db(lambda: list(Message.objects.order_by("id").values_list("text", flat=True)))()
+    assert texts == [f"kept {n}" for n in range(5)]
+    await bridge.stop()
+
+
+async def test_messages_pinecall_has_and_we_lack_are_shown_after_a_restart(sim, start_worker):
+    """After a crash the worker compares each active session with Pinecall's history."""
+    bridge = await start_worker()
+    session_id = (await sim.customer_says(phone="34600000002", name="Lu", text="first one"))[
+        "session_id"
+    ]
+    await sim.customer_says(phone="34600000002", text="the one we lose")
+    await eventually(lambda: Message.objects.filter(text="the one we lose").exists())
+    await bridge.stop()
+    # As if the worker had died holding it.
+    await db(lambda: Message.objects.filter(text="the one we lose").delete())()
+
+    bridge = await start_worker()
+    conversation = await eventually(
+        lambda: Conversation.objects.filter(session_id=session_id).exclude(unreceived=[]).first()
+    )
+    assert conversation.unreceived == [{"content": "the one we lose"}]
+    assert not await db(Message.objects.filter(text="the one we lose").exists)()
+    await bridge.stop()

@@ -693,3 +693,39 @@ def test_a_plain_form_post_of_a_reply_is_sent_and_returns_to_the_page(operator_c
     response = operator_client.post(f"/c/{conversation.pk}/send/", {"text": "plain post"})
     assert response.status_code == 302 and response["Location"] == f"/c/{conversation.pk}/"
     assert conversation.messages.filter(text="plain post", author="human").exists()
+
+
+@pytest.mark.django_db
+class TestDatabaseUnavailable:
+    """An outage mid-action: 503 with the reason, the composer's text kept (no success)."""
+
+    def test_an_htmx_send_is_answered_503_with_a_toast(self, operator_client, monkeypatch):
+        from django.db import OperationalError
+
+        from conversations import services
+
+        def outage(**kwargs):
+            raise OperationalError("could not connect to server: Connection refused")
+
+        conversation = ConversationFactory()
+        monkeypatch.setattr(services, "conversation_send", outage)
+        response = operator_client.post(
+            f"/c/{conversation.pk}/send/", {"text": "kept"}, HTTP_HX_REQUEST="true"
+        )
+        assert response.status_code == 503
+        assert response["Retry-After"] == "5"
+        body = response.content.decode()
+        assert "database is unavailable" in body and 'id="toasts"' in body
+
+    def test_a_page_is_answered_with_the_503_page(self, operator_client, monkeypatch):
+        from django.db import OperationalError
+
+        from conversations import selectors
+
+        def outage(**kwargs):
+            raise OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(selectors, "inbox_page", outage)
+        response = operator_client.get("/")
+        assert response.status_code == 503
+        assert "The database is unavailable" in response.content.decode()

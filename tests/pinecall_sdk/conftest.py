@@ -149,6 +149,14 @@ class PcRawServer:
 
 
 @pytest.fixture
+def pc_fresh_readings(monkeypatch):
+    """Forget which lenient readings were already logged (each is logged once per process)."""
+    from pinecall_sdk import events
+
+    monkeypatch.setattr(events, "_reported_readings", set())
+
+
+@pytest.fixture
 async def pc_sim():
     from pinecall_sdk.simulator import Simulator
 
@@ -180,6 +188,10 @@ async def pc_support(pc_sim, pc_make):
     pc = pc_make(pc_sim.url)
     support = pc.agent("support", language="en", llm="openai/gpt-4.1-mini", prompt="You are helpful.")
     support.add_whatsapp(phone_number_id="123", access_token="EAA-token")
+    channel = PcRecorder()
+    support.on("channel.added", channel)
     await pc.connect()
     await support.wait_registered(timeout=3)
+    await channel.wait_for("channel.added")  # so that tests start with nothing in flight
+    support.off("channel.added", channel)
     return pc, support

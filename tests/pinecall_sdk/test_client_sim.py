@@ -292,7 +292,8 @@ async def test_every_event_type_is_typed(pc_sim, pc_support):
     assert (ended.session_id, ended.contact_phone, ended.reason) == (sid, PHONE, "idle_timeout")
     assert ended.message_count >= 3 and isinstance(ended.duration, float)
     assert isinstance(ended.transcript, list) and ended.transcript[0]["content"] == "Where is my order?"
-    assert isinstance(ended.started_at, str) and isinstance(ended.messages, list)
+    assert isinstance(ended.started_at, float) and ended.ended_at >= ended.started_at
+    assert isinstance(ended.messages, list) and ended.messages[0]["role"] == "user"
 
     # order of arrival kept; the async handler is awaited before the next event
     # (per event: the agent's handlers for that name, then its "*" handlers)
@@ -324,31 +325,37 @@ async def test_global_handlers_and_events_without_agent_id(pc_sim, pc_make):
     assert not [e for e in on_other.events if e.event.startswith("whatsapp.")]
 
 
-async def test_malformed_frames_are_skipped(pc_sim, pc_support, caplog):
+async def test_malformed_frames_are_skipped_and_odd_fields_read_leniently(
+        pc_sim, pc_support, caplog, pc_fresh_readings):
     pc, support = pc_support
     got = PcRecorder()
     support.on("whatsapp.message", got)
     caplog.set_level(logging.WARNING, logger="pinecall_sdk")
-    bad = [
+    unreadable = [
         "this is not json",
         "[1, 2, 3]",
         '{"agent_id": "support", "session_id": "wa-1"}',
         '{"event": 42}',
+        "x" * 5000,
+    ]
+    odd = [
         '{"event": "whatsapp.message", "agent_id": "support", "session_id": "wa-1", "paused": "yes"}',
         '{"event": "whatsapp.message", "agent_id": "support", "session_id": 7, "text": "hi"}',
         '{"event": "whatsapp.message", "agent_id": "support", "session_id": "wa-1", "text": ["hi"]}',
-        "x" * 5000,
     ]
-    for text in bad:
+    for text in unreadable + odd:
         await pc_sim.inject(text, agent_id="support")
     await pc_sim.inject({"event": "whatsapp.message", "agent_id": "support", "session_id": "wa-1",
                          "from": PHONE, "text": "good one", "message_id": "m1", "paused": False})
-    event = await got.wait_for("whatsapp.message")
-    assert event.text == "good one" and len(got.events) == 1
+    await got.wait_for("whatsapp.message", count=4)
+    assert [(e.session_id, e.text, e.paused) for e in got.events] == [
+        ("wa-1", None, True), ("7", "hi", None), ("wa-1", None, None), ("wa-1", "good one", False)]
+    assert got.events[2].raw["text"] == ["hi"]  # the value as sent stays in raw
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len([w for w in warnings if "skipping" in w]) == len(bad)
+    assert len([w for w in warnings if "skipping" in w]) == len(unreadable)
     assert any("this is not json" in w for w in warnings)
-    assert any("'paused' must be a boolean" in w for w in warnings)
+    assert any("'paused' was str, read as bool" in w for w in warnings)
+    assert any("'text' was list, read as None" in w for w in warnings)
     assert all(len(w) < 600 for w in warnings)  # long frames are truncated
     assert pc.connected
     sid = (await pc_sim.customer_says(phone=PHONE, text="hi"))["session_id"]
@@ -563,6 +570,7 @@ async def test_rejected_key_on_reconnect_stops(pc_make):
         with pytest.raises(PinecallError) as info:
             await support.pause()
         assert info.value.code == "UNAUTHORIZED"
+        assert pc.failure is None  # a refusal the client reports, not a failure of its own
 
 
 async def test_agent_conflict_is_retried_until_the_holder_leaves(pc_make):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pinecall_sdk import (
     AgentDisplacedEvent,
+    ChannelAddedEvent,
     ErrorEvent,
     Event,
+    HistoryDataEvent,
     Pinecall,
     PinecallError,
     PinecallInvalidArgument,
@@ -91,23 +95,102 @@ def test_parse_null_or_missing_is_absent():
     [
         ([1, 2], "JSON object"),
         ("text", "JSON object"),
+        (None, "JSON object"),
         ({"agent_id": "a"}, "no 'event'"),
         ({"event": 5}, "'event'"),
         ({"event": ""}, "'event'"),
-        ({"event": "whatsapp.message", "session_id": "wa-1", "paused": "yes"}, "'paused' must be a boolean"),
-        ({"event": "whatsapp.message", "session_id": "wa-1", "text": 12}, "'text' must be a string"),
-        ({"event": "whatsapp.message", "session_id": 12}, "'session_id' must be a string"),
-        ({"event": "session.paused", "session_id": ["wa-1"]}, "'session_id' must be a string"),
-        ({"event": "whatsapp.session_ended", "session_id": "wa-1", "duration": True}, "'duration' must be a number"),
-        ({"event": "whatsapp.session_ended", "session_id": "wa-1", "transcript": "x"}, "'transcript' must be a list"),
-        ({"event": "agent.created", "agent_id": 7}, "'agent_id' must be a string"),
-        ({"event": "error", "code": 404}, "'code' must be a string"),
+        ({"event": None}, "'event'"),
     ],
 )
-def test_parse_rejects_wrong_types(frame, words):
+def test_parse_rejects_only_what_cannot_be_an_event(frame, words):
     with pytest.raises(ValueError) as info:
         parse_event(frame)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "frame, attribute, value",
+    [
+        # strings: numbers and booleans become their JSON text; containers are absent
+        ({"event": "whatsapp.message", "text": 12}, "text", "12"),
+        ({"event": "whatsapp.message", "text": 1.5}, "text", "1.5"),
+        ({"event": "whatsapp.message", "text": True}, "text", "true"),
+        ({"event": "whatsapp.message", "text": {"body": "hi"}}, "text", None),
+        ({"event": "whatsapp.message", "text": ["hi"]}, "text", None),
+        ({"event": "whatsapp.message", "session_id": 12}, "session_id", "12"),
+        ({"event": "whatsapp.message", "from": 34612345678}, "from_", "34612345678"),
+        ({"event": "session.paused", "session_id": ["wa-1"]}, "session_id", None),
+        ({"event": "agent.created", "agent_id": 7}, "agent_id", "7"),
+        ({"event": "error", "code": 404}, "code", "404"),
+        # booleans
+        ({"event": "whatsapp.message", "paused": "yes"}, "paused", True),
+        ({"event": "whatsapp.message", "paused": "False"}, "paused", False),
+        ({"event": "whatsapp.message", "paused": 1}, "paused", True),
+        ({"event": "whatsapp.message", "paused": 0}, "paused", False),
+        ({"event": "whatsapp.message", "paused": "maybe"}, "paused", None),
+        ({"event": "whatsapp.message", "paused": 7}, "paused", None),
+        ({"event": "whatsapp.message", "paused": {}}, "paused", None),
+        # numbers: finite only, booleans are not numbers, numeric strings are
+        ({"event": "whatsapp.session_ended", "duration": True}, "duration", None),
+        ({"event": "whatsapp.session_ended", "duration": "3.5"}, "duration", 3.5),
+        ({"event": "whatsapp.session_ended", "duration": "soon"}, "duration", None),
+        ({"event": "whatsapp.session_ended", "duration": float("nan")}, "duration", None),
+        ({"event": "whatsapp.session_ended", "message_count": "2"}, "message_count", 2),
+        ({"event": "whatsapp.session_ended", "message_count": 2.0}, "message_count", 2),
+        ({"event": "whatsapp.session_ended", "message_count": 2.5}, "message_count", None),
+        ({"event": "whatsapp.session_ended", "message_count": "9" * 5000}, "message_count", None),
+        ({"event": "error", "retry_after_s": [5]}, "retry_after_s", None),
+        # times: ISO strings and epoch numbers alike
+        ({"event": "whatsapp.session_ended", "started_at": "2025-01-01T00:00:00Z"}, "started_at",
+         "2025-01-01T00:00:00Z"),
+        ({"event": "whatsapp.session_ended", "started_at": 1735689600.5}, "started_at", 1735689600.5),
+        ({"event": "whatsapp.session_ended", "ended_at": False}, "ended_at", None),
+        # lists
+        ({"event": "whatsapp.session_ended", "transcript": "x"}, "transcript", None),
+        ({"event": "history.data", "messages": {"role": "user"}}, "messages", None),
+    ],
+)
+def test_parse_reads_wrong_types_leniently(frame, attribute, value, pc_fresh_readings, caplog):
+    ev = parse_event(frame)
+    got = getattr(ev, attribute)
+    assert got == value and type(got) is type(value)
+    assert ev.raw is frame  # the value as sent
+    if type(value) is not type(next(v for k, v in frame.items() if k != "event")):
+        assert len([r for r in caplog.records if "reported once" in r.getMessage()]) == 1
+        parse_event(dict(frame))
+        assert len([r for r in caplog.records if "reported once" in r.getMessage()]) == 1
+
+
+def test_parse_whatsapp_message_with_every_field_wrong_never_raises():
+    ev = parse_event({
+        "event": "whatsapp.message", "agent_id": ["support"], "session_id": {"id": 1},
+        "from": None, "name": 3.25, "type": [], "text": {"nested": [1, {"deep": True}]},
+        "message_id": False, "paused": "n/a",
+    })
+    assert isinstance(ev, WhatsAppMessageEvent)
+    assert (ev.agent_id, ev.session_id, ev.from_, ev.name, ev.type, ev.text, ev.message_id, ev.paused) == (
+        None, None, None, "3.25", None, None, "false", None)
+    missing = parse_event({"event": "whatsapp.message"})
+    assert (missing.session_id, missing.text, missing.paused) == (None, None, None)
+
+
+def test_parse_keeps_nul_and_lone_surrogates_as_decoded():
+    text = "a\x00b\ud800c\udfffd"
+    ev = parse_event(json.loads(json.dumps({"event": "whatsapp.message", "text": text})))
+    assert ev.text == text
+
+
+def test_parse_history_data_and_channel_added():
+    data = parse_event({"event": "history.data", "request_id": "r1", "call_id": "wa-1",
+                        "messages": [{"role": "user", "content": "hi"}]})
+    assert isinstance(data, HistoryDataEvent)
+    assert (data.request_id, data.call_id, data.messages, data.error) == (
+        "r1", "wa-1", [{"role": "user", "content": "hi"}], None)
+    for error, text in (("no such session", "no such session"), ({"message": "gone"}, "gone"),
+                        (True, "error"), ("", "error"), ({"code": 404}, "error"), (False, None)):
+        assert parse_event({"event": "history.data", "error": error}).error == text
+    added = parse_event({"event": "channel.added", "agent_id": "a", "type": "whatsapp", "ref": 123})
+    assert isinstance(added, ChannelAddedEvent) and (added.type, added.ref) == ("whatsapp", "123")
 
 
 # --- errors --------------------------------------------------------------------------
@@ -209,6 +292,10 @@ def test_agent_config_and_handlers():
         lambda a: a.pause(5),
         lambda a: a.resume(contact=""),
         lambda a: a.pause("wa-1", timeout=0),
+        lambda a: a.get_history(""),
+        lambda a: a.get_history(None),
+        lambda a: a.get_history(5),
+        lambda a: a.get_history("wa-1", timeout=-1),
     ],
 )
 async def test_bad_arguments_raise_before_anything(call):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -32,6 +31,10 @@ KEYS = {
     "agent.created": {"event", "agent_id"},
     "agent.resumed": {"event", "agent_id"},
     "agent.displaced": {"event", "agent_id", "reason"},
+    "channel.added": {"event", "agent_id", "type", "ref"},
+    "history.data": {"event", "agent_id", "request_id", "call_id", "messages"},
+    "history.data.error": {"event", "agent_id", "request_id", "call_id", "error"},
+    "history.updated": {"event", "agent_id", "request_id", "call_id"},
     "error": {"event", "code", "message"},
     "session.paused.session": {"event", "agent_id", "session_id"},
     "session.paused.contact": {"event", "agent_id", "contact"},
@@ -115,10 +118,10 @@ async def open_client(
                                       "language": "en", "prompt": "Be nice."})
         assert reply["event"] in ("agent.created", "agent.resumed"), reply
         if channel:
-            mark = len(sim.received)
-            await client.send({"event": "channel.add", "agent_id": agent_id, "type": "whatsapp",
-                               "ref": "1234567890", "accessToken": "EAAG-token"})
-            await sim.wait_for("channel.add", after=mark)
+            reply = await client.command({"event": "channel.add", "agent_id": agent_id,
+                                          "type": "whatsapp", "ref": "1234567890",
+                                          "accessToken": "EAAG-token"})
+            assert reply["event"] == "channel.added", reply
     return client
 
 
@@ -328,11 +331,14 @@ async def test_capacity_limit():
         await client.close()
 
 
-async def test_channel_add_is_recorded_without_confirmation(sim_server):
+async def test_channel_add_is_recorded_and_answered_with_channel_added(sim_server):
     client = await open_client(sim_server, channel=False)
-    await client.send({"event": "channel.add", "agent_id": "support", "type": "whatsapp",
-                       "ref": "99887766", "accessToken": "tok", "verifyToken": "v",
-                       "appSecret": "s"})
+    reply = await client.command({"event": "channel.add", "agent_id": "support",
+                                  "type": "whatsapp", "ref": "99887766", "accessToken": "tok",
+                                  "verifyToken": "v", "appSecret": "s"})
+    assert reply == {"event": "channel.added", "agent_id": "support", "type": "whatsapp",
+                     "ref": "99887766"}
+    assert set(reply) == KEYS["channel.added"]
     await client.silent()
     channel = sim_server.agent("support").whatsapp
     assert channel["ref"] == "99887766" and channel["accessToken"] == "tok"
@@ -344,9 +350,9 @@ async def test_messages_go_to_the_agent_with_the_whatsapp_channel(sim_server):
     client = await open_client(sim_server, agent_id="sales", channel=False)
     assert (await client.command({"event": "agent.create", "agent_id": "support"}))["event"] \
         == "agent.created"
-    await client.send({"event": "channel.add", "agent_id": "support", "type": "whatsapp",
-                       "ref": "1", "accessToken": "t"})
-    await sim_server.wait_for("channel.add")
+    reply = await client.command({"event": "channel.add", "agent_id": "support",
+                                  "type": "whatsapp", "ref": "1", "accessToken": "t"})
+    assert reply["event"] == "channel.added"
     message, _ = await customer_turn(sim_server, client)
     assert message["agent_id"] == "support"
     await client.close()
@@ -456,17 +462,24 @@ async def test_idle_session_ends_and_the_next_message_opens_a_new_session():
         assert ended["session_id"] == first["session_id"]
         assert (ended["contact_phone"], ended["contact_name"]) == (PHONE, NAME)
         assert ended["reason"] == "idle_timeout"
-        started = datetime.fromisoformat(ended["started_at"])
-        stopped = datetime.fromisoformat(ended["ended_at"])
-        assert started.tzinfo is not None and started.utcoffset().total_seconds() == 0
+        # Epoch seconds, as numbers: the JavaScript SDK sorts and subtracts them.
+        started, stopped = ended["started_at"], ended["ended_at"]
+        assert all(type(t) is float for t in (started, stopped))
+        session = sim.sessions[first["session_id"]]
+        assert started == round(session.started_at.timestamp(), 3)
+        assert stopped == round(session.ended_at.timestamp(), 3)
         assert stopped > started
         assert ended["duration"] >= 0.3
-        assert abs((stopped - started).total_seconds() - ended["duration"]) < 0.01
+        assert abs((stopped - started) - ended["duration"]) < 0.01
         assert ended["message_count"] == 2
         assert [t["role"] for t in ended["transcript"]] == ["user", "assistant"]
         assert all(set(t) == {"role", "content"} for t in ended["transcript"])
         assert ended["transcript"][0]["content"] == "Where is my order?"
+        # messages: chat history entries too ({role, content}), with the message records
+        assert [(m["role"], m["content"]) for m in ended["messages"]] == [
+            (t["role"], t["content"]) for t in ended["transcript"]]
         assert [m["message_id"] for m in ended["messages"]][0] == first["message_id"]
+        assert ended["messages"][0]["source"] == "customer"
         assert sim.sessions[first["session_id"]].ended
         assert sim.session_for(PHONE) is None
 
@@ -702,6 +715,100 @@ async def test_ended_session_without_contact_is_session_not_found(sim_server, si
         assert error["code"] == "SESSION_NOT_FOUND" and error["session_id"] == session_id
 
 
+# --------------------------------------------------------------------------- history
+
+
+async def test_history_get_answers_with_the_chat_history(sim_server, sim_client):
+    session_id = await started_session(sim_server, sim_client, "Where is my order?")
+    await sim_client.send({"event": "session.send", "agent_id": "support",
+                           "session_id": session_id, "text": "A human here."})
+    await sim_client.expect("whatsapp.status", status="read")
+    reply = await sim_client.command({"event": "history.get", "agent_id": "support",
+                                      "call_id": session_id, "request_id": "r-1"})
+    assert set(reply) == KEYS["history.data"]
+    assert (reply["event"], reply["agent_id"], reply["call_id"], reply["request_id"]) == (
+        "history.data", "support", session_id, "r-1")
+    # what a dashboard needs to reconcile: the customer's messages too, as role "user"
+    assert reply["messages"] == [
+        {"role": h["role"], "content": h["content"]} for h in sim_server.session_history(session_id)]
+    assert [m["role"] for m in reply["messages"]] == ["user", "assistant", "assistant"]
+    assert reply["messages"][0]["content"] == "Where is my order?"
+    assert reply["messages"][2]["content"] == "A human here."
+
+
+async def test_history_get_from_an_old_client_without_request_id(sim_server, sim_client):
+    session_id = await started_session(sim_server, sim_client)
+    reply = await sim_client.command({"event": "history.get", "agent_id": "support",
+                                      "call_id": session_id})
+    assert set(reply) == KEYS["history.data"] - {"request_id"}
+
+
+@pytest.mark.parametrize("which", ["unknown", "ended", "other agent's"])
+async def test_history_of_a_session_it_does_not_have_is_an_error_reply(
+        sim_server, sim_client, which):
+    session_id = "wa-000000000000"
+    if which == "ended":
+        session_id = await started_session(sim_server, sim_client)
+        await sim_server.end_session(session_id)
+        await sim_client.expect("whatsapp.session_ended")
+    elif which == "other agent's":
+        session_id = (await sim_server.customer_says(phone=PHONE, text="hi", agent_id="sales"))[
+            "session_id"]
+    for event, answer in (("history.get", "history.data"), ("history.set", "history.updated"),
+                          ("history.add", "history.updated")):
+        reply = await sim_client.command({"event": event, "agent_id": "support",
+                                          "call_id": session_id, "request_id": 7,
+                                          "messages": []})
+        assert set(reply) == KEYS["history.data.error"]
+        assert (reply["event"], reply["call_id"], reply["request_id"]) == (answer, session_id, 7)
+        assert session_id in reply["error"]
+
+
+async def test_history_set_and_add_answer_history_updated(sim_server, sim_client):
+    session_id = await started_session(sim_server, sim_client, "first")
+    reply = await sim_client.command({
+        "event": "history.set", "agent_id": "support", "call_id": session_id, "request_id": "s",
+        "messages": [{"role": "user", "content": "rewritten"}]})
+    assert reply == {"event": "history.updated", "agent_id": "support", "call_id": session_id,
+                     "request_id": "s"}
+    assert set(reply) == KEYS["history.updated"]
+    reply = await sim_client.command({
+        "event": "history.add", "agent_id": "support", "call_id": session_id, "request_id": "a",
+        "messages": [{"role": "assistant", "content": "added", "extra": "ignored"}]})
+    assert reply["event"] == "history.updated" and reply["request_id"] == "a"
+    data = await sim_client.command({"event": "history.get", "agent_id": "support",
+                                     "call_id": session_id, "request_id": "g"})
+    assert data["messages"] == [{"role": "user", "content": "rewritten"},
+                                {"role": "assistant", "content": "added"}]
+    await sim_server.end_session(session_id)
+    ended = await sim_client.expect("whatsapp.session_ended")
+    assert ended["transcript"] == data["messages"]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"event": "history.get", "agent_id": "support"},
+        {"event": "history.get", "agent_id": "support", "call_id": 5},
+        {"event": "history.get", "agent_id": "not-mine", "call_id": "wa-1"},
+        {"event": "history.set", "agent_id": "support", "call_id": "live"},
+        {"event": "history.set", "agent_id": "support", "call_id": "live", "messages": "hi"},
+        {"event": "history.add", "agent_id": "support", "call_id": "live",
+         "messages": [{"role": "user"}]},
+        {"event": "history.add", "agent_id": "support", "call_id": "live",
+         "messages": [{"role": "", "content": "x"}]},
+        {"event": "history.add", "agent_id": "support", "call_id": "live", "messages": ["x"]},
+    ],
+)
+async def test_malformed_history_commands_are_invalid_command(sim_server, sim_client, frame):
+    if frame.get("call_id") == "live":
+        frame = {**frame, "call_id": await started_session(sim_server, sim_client)}
+    error = await sim_client.command({**frame, "request_id": "r"})
+    assert error["event"] == "error" and error["code"] == "INVALID_COMMAND", error
+    assert error.get("request_id", "r") == "r"
+    assert await sim_client.command({"event": "ping"}) == {"event": "pong"}
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -745,6 +852,14 @@ async def test_non_json_frame_is_recorded_raw(sim_server, sim_client):
     assert sim_server.received[-1] == {"_raw": "hello?"}
 
 
+async def test_a_deeply_nested_frame_is_invalid_command(sim_server, sim_client):
+    nested = "[" * 100_000 + "]" * 100_000
+    await sim_client.send(nested)
+    assert (await sim_client.recv())["code"] == "INVALID_COMMAND"
+    assert sim_server.received[-1] == {"_raw": nested}
+    assert await sim_client.command({"event": "ping"}) == {"event": "pong"}
+
+
 async def test_binary_frame_is_invalid_command(sim_server, sim_client):
     await sim_client.ws.send(b'{"event":"ping"}')
     assert (await sim_client.recv())["code"] == "INVALID_COMMAND"
@@ -779,6 +894,27 @@ async def test_inject_sends_raw_frames(sim_server, sim_client):
     await sim_server.inject(broken, agent_id="support")
     assert await asyncio.wait_for(sim_client.ws.recv(), 2) == broken
     assert await sim_server.inject({"event": "x"}, agent_id="nobody") == 0
+    # hostile frames, verbatim: deep nesting as text, invalid UTF-8 as a binary frame
+    nested = "[" * 100_000 + "]" * 100_000
+    await sim_server.inject(nested)
+    assert await asyncio.wait_for(sim_client.ws.recv(), 2) == nested
+    assert sim_server.sent[-1] == {"_raw": nested}
+    await sim_server.inject(b"\xff\xfe{")
+    assert await asyncio.wait_for(sim_client.ws.recv(), 2) == b"\xff\xfe{"
+    assert sim_server.sent[-1] == {"_raw": "\ufffd\ufffd{", "_binary": True}
+    with pytest.raises(UnicodeEncodeError):  # a text frame cannot carry a lone surrogate
+        await sim_server.inject('{"text": "\ud800"}')
+    assert await sim_client.command({"event": "ping"}) == {"event": "pong"}  # still fine
+
+
+async def test_lone_surrogates_are_escaped_and_nul_kept(sim_server, sim_client):
+    text = "a\x00b\ud800c"
+    await sim_server.customer_says(phone=PHONE, name=NAME, text=text)
+    raw = await asyncio.wait_for(sim_client.ws.recv(), 2)
+    while json.loads(raw)["event"] != "whatsapp.message":
+        raw = await asyncio.wait_for(sim_client.ws.recv(), 2)
+    assert "\\ud800" in raw and "\\u0000" in raw  # JSON escapes: valid UTF-8 on the wire
+    assert json.loads(raw)["text"] == text
 
 
 async def test_wait_for_and_received(sim_server, sim_client):
