@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from bench import config, db, load, procs
 
-SECTIONS = ("fanout", "round_trip", "ingest", "pages", "memory")
+SECTIONS = ("fanout", "round_trip", "ingest", "pages", "memory", "faults")
 
 
 class Harness:
@@ -83,7 +83,7 @@ def _on_signal(signum, frame):
 
 
 async def _run_sections(h: Harness, sections: list[str]) -> dict:
-    from bench import fanout, ingest, memory, pages, round_trip
+    from bench import fanout, faults, ingest, memory, pages, round_trip
 
     modules = {
         "fanout": fanout,
@@ -91,6 +91,7 @@ async def _run_sections(h: Harness, sections: list[str]) -> dict:
         "ingest": ingest,
         "pages": pages,
         "memory": memory,
+        "faults": faults,
     }
     results: dict = {}
     for name in sections:

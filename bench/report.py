@@ -12,6 +12,8 @@ from importlib import metadata
 from bench import config, db, findings, profiling
 
 LATEST = config.RESULTS / "latest.json"
+# The faults section's floor after kill -9 (as tests/conversations/test_faults.py).
+KILL9_MIN_STORED = 990
 README = config.BENCH / "README.md"
 
 
@@ -100,6 +102,12 @@ def targets(doc: dict) -> dict:
         for k in ("inbox", "conversation")
     ]
     kb = _get(doc, "memory", "kb_per_socket")
+    cut, kill = _get(doc, "faults", "pg_cut") or {}, _get(doc, "faults", "kill9") or {}
+    faults_value = (
+        None if not (cut.get("sent") and kill.get("sent")) else
+        {"pg_cut": [cut.get("stored"), cut.get("sent"), cut.get("duplicates")],
+         "kill9": [kill.get("stored"), kill.get("sent"), kill.get("duplicates")]}
+    )
     return {
         "fanout": {"target": "p99 at N=100 within 1.5x the floor's p99", "value": ratio,
                    "met": check(ratio, lambda v: v <= 1.5)},
@@ -118,6 +126,15 @@ def targets(doc: dict) -> dict:
             "met": None if any(a is None for pair in q for a in pair) else all(a == b for a, b in q),
         },
         "memory": {"target": "<= 100 KB per idle socket", "value": kb, "met": check(kb, lambda v: v <= 100)},
+        "faults": {
+            "target": "through a 10 s PostgreSQL cut every message stored once; after kill -9 "
+            f"(replay window 3) >= {KILL9_MIN_STORED:,} of 1,000 stored, no duplicates",
+            "value": faults_value,
+            "met": check(faults_value, lambda v: (
+                cut.get("stored") == cut.get("sent") and cut.get("duplicates") == 0
+                and (kill.get("stored") or 0) >= KILL9_MIN_STORED and kill.get("duplicates") == 0
+            )),
+        },
     }
 
 
@@ -140,7 +157,7 @@ def document(results: dict, *, sections: list[str], quick: bool, machine_info=No
             detail = {**detail, "changed_during_run": now_info[1]}
     doc = {"at": now, "machine": text}
     measured_at = dict(_get(previous, "run", "measured_at") or {})
-    for name in ("fanout", "ingest", "round_trip", "pages", "memory"):
+    for name in ("fanout", "ingest", "round_trip", "pages", "memory", "faults"):
         if name in results:
             doc[name] = results[name]
             measured_at[name] = now + (" (quick)" if quick else "")
@@ -224,6 +241,17 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
         f"{_fmt(m.get('rss_after_kb'))} kB)",
         "<= 100 KB per socket",
         _met(t["memory"]["met"]),
+    ))
+    cut, kill = _get(doc, "faults", "pg_cut") or {}, _get(doc, "faults", "kill9") or {}
+    out.append((
+        "Faults: PostgreSQL cut 10 s mid-burst; kill -9 mid-burst (replay window "
+        f"{_fmt(kill.get('replay_window'))})",
+        f"cut: {_fmt(cut.get('stored'))} of {_fmt(cut.get('sent'))} stored, "
+        f"{_fmt(cut.get('duplicates'))} duplicates; kill -9: {_fmt(kill.get('stored'))} of "
+        f"{_fmt(kill.get('sent'))} stored, {_fmt(kill.get('duplicates'))} duplicates"
+        + "".join(f" ({k}: {v['error']})" for k, v in (("cut", cut), ("kill -9", kill)) if "error" in v),
+        f"cut: all, once; kill -9: >= {KILL9_MIN_STORED:,}, no duplicates",
+        _met(t["faults"]["met"]),
     ))
     return out
 
@@ -317,7 +345,7 @@ def readme(doc: dict) -> str:
     contended = [
         f"{name} (other processes used {_get(doc, name, 'load', 'cores_used', 'others')} cores: "
         f"{', '.join(_get(doc, name, 'load', 'others_top') or {})})"
-        for name in ("fanout", "round_trip", "ingest", "pages", "memory")
+        for name in ("fanout", "round_trip", "ingest", "pages", "memory", "faults")
         if _get(doc, name, "load", "contended")
     ]
     if contended:
