@@ -15,6 +15,7 @@ from conversations.models import (
     DeadLetter,
     IngestCursor,
     Message,
+    WorkerProcess,
 )
 
 
@@ -286,6 +287,21 @@ class IngestCursorAdmin(admin.ModelAdmin):
 
     list_display = ["spool_id", "seq", "updated_at"]
     readonly_fields = ["spool_id", "seq", "updated_at"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(WorkerProcess)
+class WorkerProcessAdmin(admin.ModelAdmin):
+    """Every worker process as it last reported itself: the active one and the standbys."""
+
+    list_display = ["host", "pid", "role", "active_since", "seen_at", "started_at", "agent_id"]
+    list_filter = ["role", "agent_id"]
+    readonly_fields = ["agent_id", "host", "pid", "role", "started_at", "active_since", "seen_at"]
 
     def has_add_permission(self, request):
         return False

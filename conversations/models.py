@@ -401,3 +401,40 @@ class IngestCursor(models.Model):
 
     def __str__(self) -> str:
         return f"{self.spool_id} @ {self.seq}"
+
+
+class WorkerProcess(models.Model):
+    """A `runworker pinecall` process, as it last reported itself.
+
+    Any number may run; PostgreSQL lets exactly one be active (it holds the
+    Pinecall connection), the others wait as standbys. Each refreshes its row
+    every few seconds, so the banner can tell the truth about who is active.
+    """
+
+    class Role(models.TextChoices):
+        ACTIVE = "active", "Active"
+        STANDBY = "standby", "Standby"
+        STOPPED = "stopped", "Stopped"
+
+    agent_id = models.CharField(max_length=100)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.STANDBY)
+    started_at = models.DateTimeField(default=timezone.now)
+    active_since = models.DateTimeField(null=True, blank=True)
+    seen_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-seen_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent_id", "host", "pid", "started_at"], name="uniq_worker")
+        ]
+        indexes = [models.Index(fields=["agent_id", "-seen_at"], name="worker_seen")]
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid} ({self.role})"
+
+    @property
+    def is_alive(self) -> bool:
+        age = (timezone.now() - self.seen_at).total_seconds()
+        return self.role != self.Role.STOPPED and age < settings.WORKER_HEARTBEAT_STALE_SECONDS

@@ -15,7 +15,14 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
-from conversations.models import AgentState, Command, ContactPause, Conversation, Message
+from conversations.models import (
+    AgentState,
+    Command,
+    ContactPause,
+    Conversation,
+    Message,
+    WorkerProcess,
+)
 
 # The inbox's filters: (key, label). The first is the default.
 INBOX_FILTERS = [
@@ -39,6 +46,26 @@ def agent_state_for_display(agent_id: str) -> AgentState:
         AgentState.objects.select_related("paused_by").filter(agent_id=agent_id).first()
         or AgentState(agent_id=agent_id)
     )
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The worker processes the banner describes: the active one and its standbys."""
+
+    active: WorkerProcess | None
+    standbys: list[WorkerProcess]
+
+
+def worker_processes(agent_id: str) -> Workers:
+    """Workers heard from recently (one query over a handful of rows)."""
+    fresh_since = timezone.now() - timedelta(seconds=settings.WORKER_HEARTBEAT_STALE_SECONDS)
+    alive = list(
+        WorkerProcess.objects.filter(agent_id=agent_id, seen_at__gte=fresh_since)
+        .exclude(role=WorkerProcess.Role.STOPPED)
+        .order_by("-seen_at")[:20]
+    )
+    active = next((w for w in alive if w.role == WorkerProcess.Role.ACTIVE), None)
+    return Workers(active=active, standbys=[w for w in alive if w.role == WorkerProcess.Role.STANDBY])
 
 
 def agent_open_command(agent_id: str) -> Command | None:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +48,15 @@ from django.db import (
 
 from conversations import ingest, live, selectors, services
 from conversations.live import WORKER_CHANNEL
-from conversations.models import Command, ContactPause, Conversation, DeadLetter, IngestCursor
+from conversations.models import (
+    Command,
+    ContactPause,
+    Conversation,
+    DeadLetter,
+    IngestCursor,
+    WorkerProcess,
+)
+from conversations.leadership import Leadership
 from conversations.sanitize import clean_text
 from conversations.spool import Spool
 from pinecall_sdk import Pinecall, PinecallError, PinecallTimeout
@@ -131,6 +141,40 @@ def _pauses_to_reassert(agent_id: str) -> tuple[list[str], list[str], bool]:
     )
     agent_paused = services.agent_state_get(agent_id).ai_paused
     return sessions, contacts, agent_paused
+
+
+class LeadershipLost(RuntimeError):
+    """Another worker may be active now: this one must stop."""
+
+
+class WorkerIdentity:
+    """This process as the banner and the other workers see it (its WorkerProcess row)."""
+
+    def __init__(self, *, agent_id: str) -> None:
+        self.agent_id = agent_id
+        self.host = socket.gethostname()[:255]
+        self.pid = os.getpid()
+        self.started_at = timezone.now()
+        self.active_since = None
+
+    def __str__(self) -> str:
+        return f"{self.host} pid {self.pid}"
+
+    def become_active(self) -> None:
+        self.active_since = timezone.now()
+
+    def report(self, *, stopped: bool = False) -> None:
+        if stopped:
+            role = WorkerProcess.Role.STOPPED
+        else:
+            role = WorkerProcess.Role.ACTIVE if self.active_since else WorkerProcess.Role.STANDBY
+        WorkerProcess.objects.update_or_create(
+            agent_id=self.agent_id,
+            host=self.host,
+            pid=self.pid,
+            started_at=self.started_at,
+            defaults={"role": role, "active_since": self.active_since, "seen_at": timezone.now()},
+        )
 
 
 class ReplyAnchors:
@@ -377,8 +421,12 @@ class PinecallBridge:
         self.client.on("disconnected", self._on_disconnected)
         self.client.on("error", self._on_client_error)
         self.client.on("fatal", self._on_client_fatal)
-        # Every event reaches the spool the moment it is read; the store loop follows it.
-        self.spool = Spool(Path(settings.WORKER_SPOOL_DIR), self.agent_id)
+        # PostgreSQL picks the one active worker; the others wait as standbys.
+        self.leadership = Leadership(self.agent_id)
+        self.process = WorkerIdentity(agent_id=self.agent_id)
+        # Every event reaches the spool the moment it is read; the store loop follows
+        # it. Opened once active: a standby must not take the active worker's files.
+        self.spool: Spool | None = None
         self._appended = asyncio.Event()
         self._anchors = ReplyAnchors()
         self._stored_seq = 0  # of the active segment
@@ -391,6 +439,8 @@ class PinecallBridge:
         self.failure: BaseException | None = None
         self._failed = asyncio.Event()
         self._reconciled = False
+        self.sending = True  # cleared the moment leadership is lost
+        self.leader_changes = 0
 
     # ---- lifecycle
 
@@ -407,7 +457,14 @@ class PinecallBridge:
             )
         )
         self._spawn(self._send_broadcasts(), vital=True)
+        self._spawn(self._report_process(), vital=True)
+        await self._become_active()
+        if self._stopping.is_set():
+            return
+        self._spawn(self._watch_leadership(), vital=True)
+        self.spool = Spool(Path(settings.WORKER_SPOOL_DIR), self.agent_id)
         self._spawn(self._store_from_spool(), vital=True)
+        # Only the active worker ever judges what a dead one left in flight.
         await self._with_database(_recover_in_flight)
         self._spawn(self._heartbeat(), vital=True)
         while not self._stopping.is_set():
@@ -438,6 +495,41 @@ class PinecallBridge:
                 pass
         if self._failed.is_set():
             raise self.failure
+
+    # ---- leadership
+
+    async def _become_active(self) -> None:
+        """Wait as a standby until PostgreSQL makes this process the active worker."""
+        said = False
+        while not self._stopping.is_set():
+            if await self.leadership.try_acquire():
+                self.process.become_active()
+                self.leader_changes += 1
+                logger.info("active worker for agent %s (%s)", self.agent_id, self.process)
+                self._spawn(self._with_database(self.process.report))
+                return
+            if not said:
+                logger.info("standby: another worker is active for agent %s; waiting", self.agent_id)
+                said = True
+            await self._sleep(1.0)
+
+    async def _watch_leadership(self) -> None:
+        """The moment the lock is gone, stop sending and leave Pinecall: someone else may be active."""
+        await self.leadership.hold()
+        self.sending = False
+        logger.error("no longer the active worker: closing the Pinecall connection")
+        await self.client.close()
+        self._fail(LeadershipLost("the advisory lock's connection was lost"))
+
+    async def _report_process(self) -> None:
+        """This process's row (active or standby), refreshed for the banner."""
+        while True:
+            try:
+                await _db(self.process.report)()
+            except DatabaseError as error:
+                if not is_database_outage(error):
+                    raise
+            await asyncio.sleep(HEARTBEAT_SECONDS)
 
     def _fail(self, error: BaseException) -> None:
         """Crash-only: something the bridge cannot do without has died."""
@@ -556,6 +648,8 @@ class PinecallBridge:
                 logger.warning("could not notify group %s: %s", group, error)
 
     def _all_stored(self) -> bool:
+        if self.spool is None:
+            return True
         return not self.spool.leftovers and self._stored_seq >= self.spool.seq
 
     async def stop(self) -> None:
@@ -571,11 +665,16 @@ class PinecallBridge:
         self._wake.set()
         for task in list(self._tasks):
             task.cancel()
-        self.spool.close(all_stored=self._all_stored())
+        if self.spool is not None:
+            self.spool.close(all_stored=self._all_stored())
         try:
-            await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=False)
+            if self.process.active_since is not None and self.sending:
+                # Only the active worker speaks for the connection.
+                await _db(services.agent_connection_set)(agent_id=self.agent_id, connected=False)
+            await _db(self.process.report)(stopped=True)
         except DatabaseError as error:
-            logger.warning("could not record the disconnection: %s", error)
+            logger.warning("could not record the stop: %s", error)
+        await self.leadership.release()
         logger.info("worker stopped")
 
     def wake(self) -> None:
@@ -604,6 +703,8 @@ class PinecallBridge:
         self._fail(error)
 
     async def _record_connection(self, connected: bool) -> None:
+        if not self.sending:
+            return  # a worker that lost leadership no longer speaks for the connection
         await self._with_database(
             services.agent_connection_set, agent_id=self.agent_id, connected=connected
         )
@@ -672,7 +773,7 @@ class PinecallBridge:
     # ---- commands
 
     async def _drain_when_registered(self) -> None:
-        if not self._registered.is_set():
+        if not self._registered.is_set() or not self.sending:
             return
         commands = await _db(_open_commands)(OUTBOX_BATCH)
         if not commands:
@@ -689,6 +790,9 @@ class PinecallBridge:
 
     async def _run_in_order(self, chain: list[Command]) -> None:
         for command in chain:
+            if not self.sending:
+                # Leadership lost mid-batch: the next active worker requeues what is left.
+                return
             await self.execute(command)
 
     async def execute(self, command: Command) -> None:

@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.utils.functional import SimpleLazyObject
 
-from conversations.selectors import agent_open_command, agent_state_for_display
+from conversations.selectors import agent_open_command, agent_state_for_display, worker_processes
 
 
 def agent_state(request):
@@ -15,4 +15,5 @@ def agent_state(request):
     return {
         "agent_state": SimpleLazyObject(lambda: agent_state_for_display(agent_id)),
         "agent_pending": SimpleLazyObject(lambda: agent_open_command(agent_id) or False),
+        "workers": SimpleLazyObject(lambda: worker_processes(agent_id)),
     }
