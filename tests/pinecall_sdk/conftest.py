@@ -64,14 +64,36 @@ class PcRecorder:
         return await asyncio.wait_for(_wait(), timeout)
 
 
-async def pc_eventually(pred: Callable[[], bool], timeout: float = 3.0, interval: float = 0.01) -> None:
-    """Wait until ``pred()`` is true; fail the test after ``timeout`` s."""
+async def pc_eventually(
+    pred: Callable[[], bool], timeout: float = 3.0, interval: float = 0.01, what: str = "condition"
+) -> None:
+    """Wait until ``pred()`` is true; fail the test after ``timeout`` s (a guard against a
+    hang, not a speed requirement: keep it generous)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not pred():
         if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def pc_settled(pc: Pinecall, timeout: float = 3.0) -> None:
+    """Wait until ``pc`` can no longer reconnect and has handed out every event it queued.
+
+    Its connection loop (the only code that reconnects, and that sends "reconnecting"
+    before every attempt) has ended on its own, or was never started (a failed first
+    ``connect()``); and its event queue is empty (with plain-function handlers such as
+    ``PcRecorder``, an event is handled in the very step it leaves the queue). After this,
+    "it did not reconnect" and "no such event came" are lasting facts, not a moment's.
+    """
+
+    def settled() -> bool:
+        supervisor = pc._supervisor
+        if supervisor is not None and not supervisor.done():
+            return False
+        return pc._queue is None or pc._queue.empty()
+
+    await pc_eventually(settled, timeout, what="the client's connection loop ending and its events delivered")
 
 
 class PcRawServer:

@@ -28,7 +28,7 @@ from pinecall_sdk import (
 )
 from pinecall_sdk.simulator import Simulator
 
-from .conftest import PC_TEST_KEY, PcRecorder, pc_eventually
+from .conftest import PC_TEST_KEY, PcRecorder, pc_eventually, pc_settled
 
 PHONE = "34612345678"
 
@@ -470,9 +470,15 @@ async def test_commands_queued_while_down_are_sent_once_after_restart(pc_make):
     try:
         results = await asyncio.wait_for(asyncio.gather(*pending), 5)
         assert [type(r) for r in results] == [SessionPausedEvent, SessionSentEvent, SessionPausedEvent]
-        await asyncio.sleep(0.1)
+        # A later command through the same queue is the witness: anything sent again
+        # would have been written before it, on the same socket.
+        witness = (await sim2.customer_says(phone="34600000009", text="witness"))["session_id"]
+        assert [h["content"] for h in await support.get_history(witness)][:1] == ["witness"]
         names = [f["event"] for f in sim2.received if f["event"] != "ping"]
-        assert names == ["connect", "agent.create", "channel.add", "session.pause", "session.send", "session.pause"]
+        assert names == [
+            "connect", "agent.create", "channel.add", "session.pause", "session.send", "session.pause",
+            "history.get",
+        ]
         assert sim2.received[3] == {"event": "session.pause", "agent_id": "support", "contact": PHONE}
         assert sim2.received[5] == {"event": "session.pause", "agent_id": "support"}
         assert frames(sim2, "session.resume") == []  # the withdrawn one never left
@@ -493,7 +499,7 @@ async def test_close_stops_everything(pc_sim, pc_support):
     event = await lifecycle.wait_for("disconnected")
     assert event.reconnect is False
     await pc_eventually(lambda: not pc_sim.connected_agents)
-    await asyncio.sleep(0.1)
+    await pc_settled(pc)  # its connection loop has ended: no reconnect, now or later
     assert lifecycle.of("reconnecting") == []
     assert len(frames(pc_sim, "connect")) == 1
     with pytest.raises(PinecallError) as info:
@@ -527,7 +533,7 @@ async def test_displaced_client_does_not_reconnect(pc_sim, pc_support, pc_make):
     errors = await lifecycle.wait_for("error", lambda e: e.agent_id is None)
     assert errors.code == "DISPLACED" and errors.fatal
     assert not old.connected and not support.registered and support.displaced
-    await asyncio.sleep(0.2)
+    await pc_settled(old)  # its connection loop ended on its own: it will never reconnect
     assert lifecycle.of("reconnecting") == []
     assert len(frames(pc_sim, "connect")) == 2  # the old client and the new one, no retry
     with pytest.raises(PinecallError) as info:
@@ -545,7 +551,8 @@ async def test_rejected_key_fails_connect_without_retry(pc_make):
         with pytest.raises(PinecallError) as info:
             await pc.connect()
         assert info.value.code == "UNAUTHORIZED"
-        await asyncio.sleep(0.2)
+        await pc_settled(pc)  # no connection loop was started: nothing retries, now or later
+        assert pc._supervisor is None
         assert frames(sim, "connect") == [{"event": "connect", "api_key": "bad-key"}]
         assert not pc.connected
 
@@ -564,7 +571,7 @@ async def test_rejected_key_on_reconnect_stops(pc_make):
         await sim.drop_connections()
         error = await lifecycle.wait_for("error")
         assert isinstance(error, ErrorEvent) and error.code == "UNAUTHORIZED" and error.fatal
-        await asyncio.sleep(0.2)
+        await pc_settled(pc)  # its connection loop ended on its own: it will never reconnect
         assert len(frames(sim, "connect")) == 2
         assert lifecycle.names() == ["connected", "disconnected", "reconnecting", "error"]
         with pytest.raises(PinecallError) as info:
@@ -621,9 +628,15 @@ async def test_agent_conflict_gives_up(pc_make):
         with pytest.raises(PinecallError) as info:
             await queued
         assert info.value.code == "AGENT_CONFLICT"
+        # no more attempts: the registration task has ended (it is the only one that sends
+        # agent.create on this connection), after its last refusal was answered
+        assert support._reg_task is not None and support._reg_task.done()
         count = len(frames(sim, "agent.create"))
-        await asyncio.sleep(0.2)
-        assert len(frames(sim, "agent.create")) == count  # no more attempts
+        # a round trip on the same socket after it: the server has read all it was sent
+        other = pc.agent("other")
+        await other.wait_registered(timeout=3)
+        assert len(frames(sim, "agent.create")) == count + 1
+        assert frames(sim, "agent.create")[-1] == {"event": "agent.create", "agent_id": "other"}
         assert frames(sim, "session.pause") == []
         assert pc.connected  # the connection itself is fine
 
@@ -696,11 +709,12 @@ async def test_wait_registered_times_out_and_reregister(pc_make):
         await holder.connect()
         await holder.agents["support"].wait_registered(timeout=3)
 
-        pc = pc_make(sim.url, conflict_give_up_after=0.2)
+        pc = pc_make(sim.url, conflict_give_up_after=60)  # still retrying during the first wait
         support = pc.agent("support")
         await pc.connect()
         with pytest.raises(PinecallTimeout):
             await support.wait_registered(timeout=0.05)
+        pc.conflict_give_up_after = 0.2  # read at every refusal: now it gives up soon
         with pytest.raises(PinecallError) as info:
             await support.wait_registered(timeout=3)
         assert info.value.code == "AGENT_CONFLICT"
