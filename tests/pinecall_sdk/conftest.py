@@ -15,6 +15,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from pinecall_sdk import Pinecall
+from pinecall_sdk.connection import Connection
+from pinecall_sdk.dispatch import Dispatcher
+from pinecall_sdk.protocol import AgentState, ProtocolCore
 
 PC_TEST_KEY = "test-key"
 
@@ -77,6 +80,33 @@ async def pc_eventually(
         await asyncio.sleep(interval)
 
 
+# The only door the tests use into a client's internals: its protocol core (queues,
+# commands in flight, registration phases), its connection (state, socket, loop) and
+# its dispatcher (handler tables).
+
+
+def pc_core(pc: Pinecall) -> ProtocolCore:
+    return pc._runtime.core
+
+
+def pc_connection(pc: Pinecall) -> Connection:
+    return pc._runtime.conn
+
+
+def pc_dispatcher(pc: Pinecall) -> Dispatcher:
+    return pc._runtime.dispatch
+
+
+def pc_agent_state(pc: Pinecall, agent_id: str = "support") -> AgentState:
+    return pc_core(pc).agents[agent_id]
+
+
+def pc_nothing_pending(pc: Pinecall, agent_id: str = "support") -> bool:
+    """No command of the agent is queued or in flight."""
+    state = pc_agent_state(pc, agent_id)
+    return not state.outbox and not state.inflight
+
+
 async def pc_settled(pc: Pinecall, timeout: float = 3.0) -> None:
     """Wait until ``pc`` can no longer reconnect and has handed out every event it queued.
 
@@ -88,10 +118,7 @@ async def pc_settled(pc: Pinecall, timeout: float = 3.0) -> None:
     """
 
     def settled() -> bool:
-        supervisor = pc._supervisor
-        if supervisor is not None and not supervisor.done():
-            return False
-        return pc._queue is None or pc._queue.empty()
+        return not pc_connection(pc).running and pc_dispatcher(pc).idle()
 
     await pc_eventually(settled, timeout, what="the client's connection loop ending and its events delivered")
 

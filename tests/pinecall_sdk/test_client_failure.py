@@ -1,6 +1,7 @@
 """Crash-only: a bug in one of the client's own loops stops it for good, loudly.
 
-The bug is forced by monkeypatching an internal function to raise; the tests check
+The bug is forced by monkeypatching an internal function to raise (of the protocol
+core, the dispatcher, or a frame builder of ``pinecall_sdk.protocol``); the tests check
 the public signals (``failure``, ``wait_failed()``, ``"fatal"`` handlers), that the
 socket is closed and that pending commands fail.
 """
@@ -13,9 +14,10 @@ import json
 import pytest
 from websockets.protocol import State
 
-from pinecall_sdk import PinecallError
+from pinecall_sdk import PinecallError, protocol
+from pinecall_sdk.connection import State as ClientState
 
-from .conftest import PcRawServer, PcRecorder, pc_eventually
+from .conftest import PcRawServer, PcRecorder, pc_connection, pc_core, pc_dispatcher, pc_eventually
 
 PHONE = "34612345678"
 
@@ -34,12 +36,13 @@ async def answer_pause_with_a_message(server, ws, frame):
 @pytest.mark.parametrize(
     "broken, delivered_before_fatal",
     [
-        # reading: the frame's handling raises in the reader; the dispatcher still
-        # delivers what was received, then "disconnected" and the fatal "error"
-        ("_route", ["disconnected", "error"]),
+        # reading: the frame's handling (the core's routing) raises in the reader; the
+        # dispatcher still delivers what was received, then "disconnected" and the fatal "error"
+        ((pc_core, "route"), ["disconnected", "error"]),
         # dispatching: the dispatcher itself is gone; nothing more is delivered
-        ("_handlers_for", []),
+        ((pc_dispatcher, "handlers_for"), []),
     ],
+    ids=["reading", "dispatching"],
 )
 async def test_a_bug_in_a_loop_is_fatal_closes_the_socket_and_fails_commands(
         pc_make, monkeypatch, broken, delivered_before_fatal):
@@ -61,15 +64,16 @@ async def test_a_bug_in_a_loop_is_fatal_closes_the_socket_and_fails_commands(
         pc.on("fatal", lambda exc: calls.append(exc))
         await pc.connect()
         await registered.wait_for("registered")  # dispatched before the bug is planted
-        socket = pc._ws
+        socket = pc_connection(pc).ws
         assert pc.failure is None
 
-        bug = RuntimeError(f"a bug in {broken}")
+        part, method = broken
+        bug = RuntimeError(f"a bug in {method}")
 
         def raise_bug(*args, **kwargs):
             raise bug
 
-        monkeypatch.setattr(pc, broken, raise_bug)
+        monkeypatch.setattr(part(pc), method, raise_bug)
         pause = asyncio.create_task(support.pause("wa-1"))
 
         assert await asyncio.wait_for(pc.wait_failed(), 5) is bug
@@ -82,7 +86,7 @@ async def test_a_bug_in_a_loop_is_fatal_closes_the_socket_and_fails_commands(
             assert error.code == "INTERNAL" and error.fatal
 
         # the socket is closed, on both ends, and nothing reconnects
-        assert socket.state is State.CLOSED and not pc.connected
+        assert socket.state is State.CLOSED and not pc.connected and pc.state is ClientState.FAILED
         await pc_eventually(lambda: server.connections[0].state is State.CLOSED)
         assert len(server.connections) == 1
 
@@ -112,10 +116,11 @@ async def test_a_bug_in_registration_after_a_reconnect_is_fatal(pc_sim, pc_suppo
     pc.on("fatal", fatal)
     bug = ValueError("a bug while registering")
 
-    def broken_channel_frame():
+    def broken_channel_frame(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(support, "_channel_frame", broken_channel_frame)
+    # built when agent.created / agent.resumed arrives, to add the channel back
+    monkeypatch.setattr(protocol, "channel_frame", broken_channel_frame)
     await pc_sim.drop_connections()
 
     assert await asyncio.wait_for(pc.wait_failed(), 5) is bug

@@ -9,7 +9,7 @@ import pytest
 
 from pinecall_sdk import ChannelAddedEvent, HistoryDataEvent, PinecallError, PinecallTimeout
 
-from .conftest import PcRawServer, PcRecorder
+from .conftest import PcRawServer, PcRecorder, pc_nothing_pending
 
 PHONE = "34612345678"
 
@@ -61,7 +61,7 @@ async def test_get_history_of_a_session_the_server_does_not_have(pc_sim, pc_supp
         await support.get_history(sid)
     assert info.value.code == "SESSION_NOT_FOUND" and sid in info.value.message
     assert info.value.frame["event"] == "history.data" and "error" in info.value.frame
-    assert pc.connected and not support._inflight
+    assert pc.connected and pc_nothing_pending(pc)
 
 
 async def test_concurrent_get_history_calls_each_get_their_own(pc_sim, pc_support):
@@ -234,4 +234,4 @@ async def test_get_history_times_out(pc_make):
         with pytest.raises(PinecallTimeout) as info:
             await support.get_history("wa-1", timeout=0.1)
         assert info.value.code == "TIMEOUT" and "history.get" in info.value.message
-        assert not support._inflight and pc.connected
+        assert pc_nothing_pending(pc) and pc.connected

@@ -17,7 +17,7 @@ import pytest
 
 from pinecall_sdk import Event, WhatsAppMessageEvent
 
-from .conftest import PcRecorder
+from .conftest import PcRecorder, pc_connection
 
 PHONE = "34612345678"
 FIVE_MB = 5 * 2**20
@@ -174,7 +174,7 @@ async def test_hostile_frames_then_50_messages_all_arrive(pc_sim, pc_support, st
         pc.on(name, lifecycle)
     fatal: list[BaseException] = []
     pc.on("fatal", fatal.append)
-    connection = pc._ws
+    connection = pc_connection(pc).ws
 
     for frame in frames:
         assert await pc_sim.inject(frame, agent_id="support") == 1
@@ -186,7 +186,7 @@ async def test_hostile_frames_then_50_messages_all_arrive(pc_sim, pc_support, st
     assert received == sent  # all 50, in order, once
     check([e for e in got.events if e.get("hostile")])
 
-    assert pc.connected and pc._ws is connection  # the same connection throughout
+    assert pc.connected and pc_connection(pc).ws is connection  # the same connection throughout
     assert lifecycle.events == [] and fatal == [] and pc.failure is None
     assert strict_log.failures == []  # every log line could be written as UTF-8
 

@@ -16,7 +16,9 @@ from pinecall_sdk import (
     SessionSentEvent,
 )
 
-from .conftest import PcRawServer, PcRecorder, pc_eventually, pc_settled
+from pinecall_sdk.connection import State
+
+from .conftest import PcRawServer, PcRecorder, pc_connection, pc_eventually, pc_nothing_pending, pc_settled
 
 
 def _free_port() -> int:
@@ -48,7 +50,7 @@ async def test_connect_timeout_when_connected_never_comes(pc_make):
         # A failed first connect is not retried: no connection loop was ever started, so
         # nothing can open another connection, now or later.
         await pc_settled(pc)
-        assert pc._supervisor is None
+        assert pc_connection(pc).supervisor is None and pc.state is State.IDLE
         assert len(server.connections) == 1
 
 
@@ -99,7 +101,7 @@ async def test_authenticated_is_ignored_and_1008_means_unauthorized(pc_make):
             await pc.connect()
         assert info.value.code == "UNAUTHORIZED"
         await pc_settled(pc)  # no connection loop: a rejected first connect is never retried
-        assert pc._supervisor is None
+        assert pc_connection(pc).supervisor is None and pc.state is State.IDLE
         assert len(server.connections) == 1
 
 
@@ -120,7 +122,7 @@ async def test_unconfirmed_command_times_out(pc_make):
         with pytest.raises(PinecallTimeout) as info:
             await support.send_message(contact="34", text="hi", timeout=0.05)
         assert "no answer within 0.05 s" in info.value.message  # the limit that was applied
-        assert not support._inflight and not support._outbox
+        assert pc_nothing_pending(pc)
         assert [f["event"] for f in server.frames()] == [
             "connect", "agent.create", "session.pause", "session.send",
         ]
@@ -271,7 +273,7 @@ async def test_displaced_frame_for_every_agent_stops_the_client(pc_make):
         await pc_settled(pc)  # its connection loop ended on its own: it will never reconnect
         assert lifecycle.of("reconnecting") == []
         assert len(server.connections) == 1
-        assert a.displaced and b.displaced and not pc.connected
+        assert a.displaced and b.displaced and not pc.connected and pc.state is State.STOPPED
         codes = [(e.agent_id, e.code) for e in lifecycle.of("error")]
         assert ("a", "DISPLACED") in codes and ("b", "DISPLACED") in codes and (None, "DISPLACED") in codes
 
@@ -310,4 +312,4 @@ async def test_normal_server_close_is_reconnected(pc_make):
         await pc.connect()
         await pc_eventually(lambda: len(server.connections) == 2)
         await support.wait_registered(timeout=2)
-        assert pc.connected
+        assert pc.connected and pc.state is State.READY

@@ -26,9 +26,19 @@ from pinecall_sdk import (
     WhatsAppSessionStartedEvent,
     WhatsAppStatusEvent,
 )
+from pinecall_sdk.connection import State
+from pinecall_sdk.protocol import Phase
 from pinecall_sdk.simulator import Simulator
 
-from .conftest import PC_TEST_KEY, PcRecorder, pc_eventually, pc_settled
+from .conftest import (
+    PC_TEST_KEY,
+    PcRecorder,
+    pc_agent_state,
+    pc_connection,
+    pc_eventually,
+    pc_nothing_pending,
+    pc_settled,
+)
 
 PHONE = "34612345678"
 
@@ -202,7 +212,7 @@ async def test_concurrent_commands_each_get_their_confirmation(pc_sim, pc_suppor
     ]
     assert results[0].session_id == s1 and results[1].session_id == s2
     assert results[3].session_id == s2 and results[4].contact == "34600000002"
-    assert not any(a._inflight or a._outbox for a in [support])
+    assert pc_nothing_pending(pc)
 
 
 async def test_session_not_found_raises_with_code(pc_sim, pc_support):
@@ -495,7 +505,7 @@ async def test_close_stops_everything(pc_sim, pc_support):
     pc.on("disconnected", lifecycle)
     pc.on("reconnecting", lifecycle)
     await pc.close()
-    assert not pc.connected and not support.registered
+    assert not pc.connected and not support.registered and pc.state is State.CLOSED
     event = await lifecycle.wait_for("disconnected")
     assert event.reconnect is False
     await pc_eventually(lambda: not pc_sim.connected_agents)
@@ -533,6 +543,7 @@ async def test_displaced_client_does_not_reconnect(pc_sim, pc_support, pc_make):
     errors = await lifecycle.wait_for("error", lambda e: e.agent_id is None)
     assert errors.code == "DISPLACED" and errors.fatal
     assert not old.connected and not support.registered and support.displaced
+    assert old.state is State.STOPPED
     await pc_settled(old)  # its connection loop ended on its own: it will never reconnect
     assert lifecycle.of("reconnecting") == []
     assert len(frames(pc_sim, "connect")) == 2  # the old client and the new one, no retry
@@ -552,7 +563,7 @@ async def test_rejected_key_fails_connect_without_retry(pc_make):
             await pc.connect()
         assert info.value.code == "UNAUTHORIZED"
         await pc_settled(pc)  # no connection loop was started: nothing retries, now or later
-        assert pc._supervisor is None
+        assert pc_connection(pc).supervisor is None and pc.state is State.IDLE
         assert frames(sim, "connect") == [{"event": "connect", "api_key": "bad-key"}]
         assert not pc.connected
 
@@ -578,6 +589,7 @@ async def test_rejected_key_on_reconnect_stops(pc_make):
             await support.pause()
         assert info.value.code == "UNAUTHORIZED"
         assert pc.failure is None  # a refusal the client reports, not a failure of its own
+        assert pc.state is State.STOPPED
 
 
 async def test_agent_conflict_is_retried_until_the_holder_leaves(pc_make):
@@ -628,9 +640,10 @@ async def test_agent_conflict_gives_up(pc_make):
         with pytest.raises(PinecallError) as info:
             await queued
         assert info.value.code == "AGENT_CONFLICT"
-        # no more attempts: the registration task has ended (it is the only one that sends
-        # agent.create on this connection), after its last refusal was answered
-        assert support._reg_task is not None and support._reg_task.done()
+        # no more attempts: the registration was given up on this connection (the core
+        # sends agent.create again only from BACKING_OFF, or on reregister() or a new
+        # connection), after its last refusal was answered
+        assert pc_agent_state(pc).phase is Phase.REFUSED
         count = len(frames(sim, "agent.create"))
         # a round trip on the same socket after it: the server has read all it was sent
         other = pc.agent("other")

@@ -21,8 +21,12 @@ from pinecall_sdk import (
     WhatsAppSessionEndedEvent,
     WhatsAppStatusEvent,
     parse_event,
+    protocol,
     reconnect_delay,
 )
+from pinecall_sdk.protocol import Policy
+
+from .conftest import pc_dispatcher, pc_nothing_pending
 
 
 # --- parse_event ---------------------------------------------------------------------
@@ -227,17 +231,19 @@ def test_reconnect_delay_formula():
 
 
 def test_client_delay_uses_its_attributes():
+    # The client's decisions read Policy.of(pc), a snapshot of its options at that moment.
     pc = Pinecall(api_key="k", url="ws://x")
     assert (pc.reconnect_base_delay, pc.reconnect_max_delay, pc.reconnect_jitter) == (1.0, 30.0, 0.25)
+    assert Policy.of(pc) == Policy()  # the documented defaults
     pc.reconnect_base_delay, pc.reconnect_max_delay, pc.reconnect_jitter = 0.1, 0.5, 0.0
-    assert [pc._reconnect_delay(n) for n in range(4)] == [0.1, 0.2, 0.4, 0.5]
+    assert [Policy.of(pc).reconnect_delay(n) for n in range(4)] == [0.1, 0.2, 0.4, 0.5]
     # conflicts: the backoff, but never less than the server's retry_after_s (capped for tests)
     pc.conflict_base_delay, pc.conflict_max_delay = 0.01, 0.08
-    assert pc._conflict_delay(0, retry_after_s=None) == pytest.approx(0.01)
-    assert pc._conflict_delay(9, retry_after_s=None) == pytest.approx(0.08)
-    assert pc._conflict_delay(0, retry_after_s=5) == pytest.approx(5)
+    assert Policy.of(pc).conflict_delay(0, retry_after_s=None) == pytest.approx(0.01)
+    assert Policy.of(pc).conflict_delay(9, retry_after_s=None) == pytest.approx(0.08)
+    assert Policy.of(pc).conflict_delay(0, retry_after_s=5) == pytest.approx(5)
     pc.conflict_retry_after_cap = 0.3
-    assert pc._conflict_delay(0, retry_after_s=5) == pytest.approx(0.3)
+    assert Policy.of(pc).conflict_delay(0, retry_after_s=5) == pytest.approx(0.3)
 
 
 # --- construction and arguments ------------------------------------------------------
@@ -262,18 +268,23 @@ def test_agent_config_and_handlers():
     pc = Pinecall(api_key="k", url="ws://x")
     agent = pc.agent("support", language="en", llm=None, prompt="p")
     assert pc.agent("support") is agent
-    assert agent._create_frame() == {"event": "agent.create", "agent_id": "support", "language": "en", "prompt": "p"}
+    assert agent.config == {"language": "en", "prompt": "p"}
+    assert protocol.create_frame(agent.agent_id, agent.config) == {
+        "event": "agent.create", "agent_id": "support", "language": "en", "prompt": "p"}
     assert agent.registered is False
 
     @agent.on("whatsapp.message")
     def handler(event):
         pass
 
-    assert handler in agent._handlers["whatsapp.message"]
+    message = Event(event="whatsapp.message")
+    assert pc_dispatcher(pc).handlers_for(message, "support") == [handler]
+    assert pc_dispatcher(pc).handlers_for(message, None) == []  # the agent's, not the client's
     with pytest.raises(ValueError):
         agent.add_whatsapp(phone_number_id="", access_token="t")
     agent.add_whatsapp(phone_number_id="123", access_token="tok", verify_token="", app_secret="s")
-    assert agent._channel_frame() == {
+    assert agent.whatsapp["verify_token"] is None  # "" is unset
+    assert protocol.channel_frame(agent.agent_id, agent.whatsapp) == {
         "event": "channel.add", "agent_id": "support", "type": "whatsapp", "ref": "123",
         "accessToken": "tok", "appSecret": "s",
     }
@@ -304,4 +315,4 @@ async def test_bad_arguments_raise_before_anything(call):
     with pytest.raises(PinecallInvalidArgument) as info:
         await call(agent)
     assert isinstance(info.value, ValueError) and info.value.code == "INVALID_ARGUMENT"
-    assert not agent._outbox
+    assert pc_nothing_pending(pc)
