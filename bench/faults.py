@@ -11,6 +11,11 @@ The same shapes as tests/conversations/test_faults.py, on the bench's stack:
   default replay window (it repeats its last 3 events to a resumed agent); the
   worker is SIGKILLed when ~300 are stored and started again 3 s later.
 
+- failover: an active worker and a standby; the active one is SIGKILLed and a
+  take over is queued at once; timed until Pinecall's confirmation of that
+  command is stored (the standby took the lock, registered, sent it). Five
+  kills, a fresh standby started after each; the p50 is `failover_s`.
+
 The AI is delayed (it never answers), so every stored row is a customer message.
 Each worker gets a spool directory of its own under the run's logs (a restarted
 worker finds what the killed one left; nothing from other runs).
@@ -41,7 +46,7 @@ DB_UNAVAILABLE = re.compile(
 async def run(h) -> dict:
     results: dict = {}
     checks: dict = {}
-    for name, shape in (("pg_cut", _pg_cut), ("kill9", _kill9)):
+    for name, shape in (("pg_cut", _pg_cut), ("kill9", _kill9), ("failover", _failover)):
         h.log(f"faults: {name}")
         try:
             results[name] = await shape(h, checks)
@@ -49,6 +54,7 @@ async def run(h) -> dict:
             results[name] = {"error": f"{type(error).__name__}: {error}"}
             h.log(f"faults: {name} failed: {results[name]['error']}")
     results["checks"] = checks
+    results["failover_s"] = (results.get("failover") or {}).get("p50_s")
     return results
 
 
@@ -231,4 +237,111 @@ async def _kill9(h, checks: dict) -> dict:
     result = {"sent": len(ids), "stored": stats["stored"], "duplicates": stats["duplicates"],
               "replay_window": replay_window}
     h.log(f"faults: kill9 {result}")
+    return result
+
+
+# ---------------------------------------------------------------- failover
+
+
+FAILOVER_KILLS = 5
+
+
+def _active_worker_pid() -> int | None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from conversations.models import WorkerProcess
+
+    fresh = timezone.now() - timedelta(seconds=10)
+    row = WorkerProcess.objects.filter(role="active", seen_at__gte=fresh).order_by("-active_since").first()
+    return row.pid if row else None
+
+
+def _standby_pids() -> set[int]:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from conversations.models import WorkerProcess
+
+    fresh = timezone.now() - timedelta(seconds=10)
+    return set(WorkerProcess.objects.filter(role="standby", seen_at__gte=fresh).values_list("pid", flat=True))
+
+
+def _queue_take_over(session_id: str, phone: str) -> int:
+    from django.contrib.auth.models import User
+    from django.utils import timezone
+
+    from conversations import services
+    from conversations.models import Conversation
+
+    operator = User.objects.filter(username="bench-failover").first() or User.objects.create_superuser(
+        "bench-failover", password=None
+    )
+    conversation, _ = Conversation.objects.get_or_create(
+        session_id=session_id, defaults={"agent_id": "support", "contact_phone": phone}
+    )
+    Conversation.objects.filter(pk=conversation.pk).update(last_customer_message_at=timezone.now())
+    return services.conversation_take_over(conversation=conversation, operator=operator).pk
+
+
+def _confirmed(command_id: int) -> bool:
+    from conversations.models import Command
+
+    return Command.objects.filter(pk=command_id, status="confirmed").exists()
+
+
+async def _failover(h, checks: dict) -> dict:
+    env_extra = {"WORKER_SPOOL_DIR": str(h.logs / "spool-failover")}
+    samples: list[float] = []
+    async with Stack("faults-failover", h.logs, env_extra=env_extra) as stack:
+        sim = stack.sim
+        env = config.stack_env(database=config.DB_LIVE, pinecall_url=sim.url, extra=env_extra)
+        standby = procs.worker(env, h.logs / "faults-failover-standby0.log")
+        workers = {stack.worker.pid: stack.worker, standby.pid: standby}
+        try:
+            for round_ in range(FAILOVER_KILLS):
+                deadline = time.monotonic() + 60
+                while (active_pid := await orm(_active_worker_pid)) not in workers:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("no active worker among the bench's")
+                    await asyncio.sleep(0.05)
+                # The standby must be waiting (its row written) before the kill.
+                while not (await orm(_standby_pids)) & (set(workers) - {active_pid}):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the standby never reported")
+                    await asyncio.sleep(0.05)
+                phone = f"3483{round_:07d}"
+                session_id = (await sim.customer_says(phone=phone, name="Failover", text="hi"))[
+                    "session_id"
+                ]
+                victim = workers.pop(active_pid)
+                os.killpg(victim.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                command_id = await orm(_queue_take_over, session_id, phone)
+                while not await orm(_confirmed, command_id):
+                    if time.monotonic() - killed_at > 60:
+                        raise RuntimeError("no failover within 60 s")
+                    await asyncio.sleep(0.02)
+                samples.append(time.monotonic() - killed_at)
+                h.log(f"faults: failover {round_ + 1}: {samples[-1]:.2f} s")
+                await asyncio.to_thread(victim.popen.wait, 10)
+                victim.stop()
+                fresh = procs.worker(env, h.logs / f"faults-failover-standby{round_ + 1}.log")
+                workers[fresh.pid] = fresh
+            stack.worker = next(iter(workers.values()))
+        finally:
+            for worker in workers.values():
+                if worker is not stack.worker:
+                    worker.stop()
+    samples.sort()
+    result = {
+        "kills": len(samples),
+        "p50_s": round(samples[len(samples) // 2], 3),
+        "max_s": round(samples[-1], 3),
+        "samples_s": [round(x, 3) for x in samples],
+    }
+    checks["failover_target_s"] = 10
+    h.log(f"faults: failover {result}")
     return result

@@ -109,6 +109,27 @@ def conversation_group(conversation_id: int) -> str:
     return f"conversation-{conversation_id}"
 
 
+def user_group(user_pk: int) -> str:
+    """Every open socket of one person (each of their tabs and devices)."""
+    return f"user-{user_pk}"
+
+
+def user_sessions_revoked(user_pk: int, *, session_key: str | None = None) -> None:
+    """Close this person's sockets: they logged out, were deactivated or lost a role.
+
+    With `session_key`, only the sockets of that login session (a logout on one
+    device leaves the others open). Pages show "Signed out · reload".
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "live.revoked", "session_key": session_key or ""}
+    try:
+        async_to_sync(layer.group_send)(user_group(user_pk), message)
+    except Exception:  # Redis down: the session itself is already gone or changed
+        logger.warning("could not close the sockets of user %s", user_pk, exc_info=True)
+
+
 def _send_html(group: str, html: str) -> None:
     if not html.strip():
         return
@@ -264,6 +285,7 @@ def render_agent_state_for(state, user) -> str:
         {
             "agent_state": state,
             "agent_pending": selectors.agent_open_command(state.agent_id) or False,
+            "workers": selectors.worker_processes(state.agent_id),
             "oob": True,
             "user": user,
             "perms": PermWrapper(user),

@@ -74,6 +74,25 @@ class Conversation(models.Model):
     )
     unreceived_checked_at = models.DateTimeField(null=True, blank=True)
 
+    # The handoff: since when the customer waits for a person (null: nobody
+    # needs to), why, and whether the dashboard paused the AI itself meanwhile.
+    class NeedsHuman(models.TextChoices):
+        ASKED = "asked", "The customer asked for a person"
+        AI_PASSED = "ai_passed", "The AI said it passes the conversation on"
+        PAUSED_UNHELD = "paused_unheld", "The customer wrote while the AI was paused and nobody held it"
+
+    needs_human_since = models.DateTimeField(null=True, blank=True)
+    needs_human_reason = models.CharField(max_length=20, choices=NeedsHuman.choices, blank=True)
+    needs_human_words = models.CharField(
+        max_length=200, blank=True, help_text="What matched: the customer's or the AI's words."
+    )
+    auto_paused = models.BooleanField(
+        default=False, help_text="The dashboard paused the AI itself while the customer waits for a person."
+    )
+    # The holder's last sign of life (took over, sent, "Keep it"): the idle clock.
+    holder_active_at = models.DateTimeField(null=True, blank=True)
+    idle_warned_at = models.DateTimeField(null=True, blank=True)
+
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -337,6 +356,12 @@ class AuditEntry(models.Model):
         RESUME_CONTACT = "resume_contact", "Resumed a contact"
         PAUSE_AGENT = "pause_agent", "Paused the whole agent"
         RESUME_AGENT = "resume_agent", "Resumed the whole agent"
+        LOGIN = "login", "Logged in / tried to"
+        AUTO_PAUSE = "auto_pause", "Paused the AI automatically (a customer asked for a person)"
+        FALLBACK = "fallback", "Gave the conversation back to the AI (nobody took over)"
+        AUTO_HAND_BACK = "auto_hand_back", "Handed back automatically (the holder was idle)"
+        KEEP = "keep", "Kept the conversation (restarted its idle clock)"
+        POLICY = "policy", "Changed the handoff policy"
 
     class Outcome(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -438,3 +463,51 @@ class WorkerProcess(models.Model):
     def is_alive(self) -> bool:
         age = (timezone.now() - self.seen_at).total_seconds()
         return self.role != self.Role.STOPPED and age < settings.WORKER_HEARTBEAT_STALE_SECONDS
+
+
+class HandoffPolicy(models.Model):
+    """How the dashboard acts when a customer needs a person; supervisors change it at runtime.
+
+    Created on first use from the HANDOFF_* settings (the defaults); a change
+    applies at once to every process (each reads it when it needs it).
+    """
+
+    agent_id = models.CharField(max_length=100, unique=True)
+    pause_on_ask = models.BooleanField(
+        default=True, help_text="Pause the AI for the session the moment the customer asks for a person."
+    )
+    holding_message = models.TextField(
+        blank=True, help_text="Sent to the customer when the AI steps aside (empty: none)."
+    )
+    fallback_seconds = models.PositiveIntegerField(
+        default=600, help_text="Give it back to the AI when nobody took over within this many seconds."
+    )
+    idle_seconds = models.PositiveIntegerField(
+        default=900, help_text="Hand a held conversation back when its holder sent nothing for this long."
+    )
+    ask_phrases = models.TextField(help_text="Words that mean 'a person, please': one per line.")
+    ai_phrases = models.TextField(help_text="Words of the AI's that mean it passes the conversation on.")
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "handoff policies"
+
+    def __str__(self) -> str:
+        return f"handoff policy of {self.agent_id}"
+
+
+class AlertPreferences(models.Model):
+    """Which alerts one person's browser raises when a customer waits; kept on the server."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="alert_preferences"
+    )
+    sound = models.BooleanField(default=True)
+    title = models.BooleanField(default=True, help_text="The waiting count in the tab's title and icon.")
+    desktop = models.BooleanField(default=False, help_text="Desktop notifications (asked on a click).")
+
+    def __str__(self) -> str:
+        return f"alerts of {self.user}"

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import wraps
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
@@ -32,6 +34,9 @@ from conversations.models import (
 TAKE_OVER_PERMISSION = "conversations.take_over_conversation"
 PAUSE_WIDE_PERMISSION = "conversations.pause_contact_or_agent"
 WHATSAPP_WINDOW = timezone.timedelta(hours=24)
+# The same Send by the same operator within this is a repeat (a double click, a
+# retried request), answered with the first one's message.
+REPEAT_WINDOW = timezone.timedelta(seconds=1)
 
 
 class ActionRefused(Exception):
@@ -42,8 +47,15 @@ class ActionRefused(Exception):
 class HeldByAnother(ActionRefused):
     holder_name: str
 
+    # Pages isolate the name (bidi) when they show it: they format this themselves.
+    MESSAGE = "{holder} holds this conversation. Take it over to reply."
+
     def __str__(self) -> str:
-        return f"{self.holder_name} holds this conversation. Take it over to reply."
+        return self.MESSAGE.format(holder=self.holder_name)
+
+
+# What services raise to refuse an action; each is audited (outcome "refused").
+REFUSALS = (PermissionDenied, ValidationError, ActionRefused)
 
 
 # ---------------------------------------------------------------- helpers
@@ -59,6 +71,63 @@ def display_name(user: AbstractBaseUser | None) -> str:
 def _require(operator: AbstractBaseUser, permission: str) -> None:
     if not operator.has_perm(permission):
         raise PermissionDenied("You are not allowed to do this.")
+
+
+def refusal_reason(exc: Exception) -> str:
+    """The human sentence for a refusal."""
+    if isinstance(exc, ValidationError):
+        return " ".join(exc.messages)
+    return str(exc) or "You are not allowed to do this."
+
+
+def _refuse(
+    *,
+    action: str,
+    reason: str,
+    operator=None,
+    conversation: Conversation | None = None,
+    contact_phone: str = "",
+    agent_id: str = "",
+    **_,
+) -> AuditEntry:
+    """Audit a refused action: who, what, why."""
+    with transaction.atomic():
+        return AuditEntry.objects.create(
+            operator=operator if getattr(operator, "pk", None) else None,
+            action=action,
+            agent_id=agent_id
+            or (conversation.agent_id if conversation else settings.PINECALL_AGENT_ID),
+            conversation=conversation,
+            contact_phone=contact_phone or (conversation.contact_phone if conversation else ""),
+            outcome=AuditEntry.Outcome.REFUSED,
+            detail=reason[:500],
+            completed_at=timezone.now(),
+        )
+
+
+def _audits_refusals(action: str):
+    """Make an operator's service one transaction whose refusals are audited.
+
+    The audit row is written after the service's transaction has rolled back:
+    inside it, the raise that refuses would roll the row back too. (Views run
+    outside any transaction, ATOMIC_REQUESTS being off, so the row commits at
+    once; a caller's own transaction keeps it unless that one rolls back.)
+    """
+
+    def decorate(service):
+        atomic_service = transaction.atomic(service)
+
+        @wraps(service)
+        def wrapper(**kwargs):
+            try:
+                return atomic_service(**kwargs)
+            except REFUSALS as exc:
+                _refuse(action=action, reason=refusal_reason(exc), **kwargs)
+                raise
+
+        return wrapper
+
+    return decorate
 
 
 def _locked(conversation: Conversation) -> Conversation:
@@ -107,14 +176,15 @@ def conversation_window_open(conversation: Conversation, *, now=None) -> bool:
 # ---------------------------------------------------------------- one conversation
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.TAKE_OVER)
 def conversation_take_over(
     *, conversation: Conversation, operator: AbstractBaseUser, force: bool = False
 ) -> Command:
     """Claim the conversation for `operator` and ask Pinecall to pause its AI.
 
     The first operator to take over holds it; another must pass `force=True`
-    (the dashboard asks them to confirm) to take it from them.
+    (the dashboard asks them to confirm) to take it from them. A repeat while
+    the first pause awaits Pinecall returns that pause.
     """
     _require(operator, TAKE_OVER_PERMISSION)
     conversation = _locked(conversation)
@@ -127,7 +197,9 @@ def conversation_take_over(
         open_pause = conversation.commands.filter(
             kind=Command.Kind.PAUSE, status__in=[Command.Status.PENDING, Command.Status.SENT]
         ).last()
-        if open_pause or conversation.ai_paused:
+        if open_pause is not None:
+            return open_pause  # a repeated click: the pause is already asked for
+        if conversation.ai_paused:
             raise ActionRefused("You already hold this conversation.")
 
     conversation.holder = Conversation.Holder.HUMAN
@@ -153,11 +225,15 @@ def conversation_take_over(
     return command
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.SEND)
 def conversation_send(
     *, conversation: Conversation, operator: AbstractBaseUser, text: str
 ) -> Message:
-    """Store the operator's reply at once (pending) and queue it for Pinecall."""
+    """Store the operator's reply at once (pending) and queue it for Pinecall.
+
+    The same text sent again by the same operator within REPEAT_WINDOW is a
+    repeat: the first one's message is returned and nothing new is queued.
+    """
     _require(operator, TAKE_OVER_PERMISSION)
     text = (text or "").strip()
     if not text:
@@ -168,6 +244,26 @@ def conversation_send(
             f"(this has {len(text)})."
         )
     conversation = _locked(conversation)
+    # After the lock: a repeat racing the first waits for it, then sees its row.
+    repeat = (
+        Command.objects.filter(
+            conversation=conversation,
+            operator=operator,
+            kind=Command.Kind.SEND,
+            text=text,
+            message__isnull=False,
+            created_at__gte=timezone.now() - REPEAT_WINDOW,
+        )
+        .select_related("message")
+        .order_by("-id")
+        .first()
+    )
+    if repeat is not None:
+        return repeat.message
+    if not conversation.is_active:
+        raise ActionRefused(
+            "This conversation has ended: a new one starts when the customer writes."
+        )
     if conversation.held_by_id != operator.pk:
         if conversation.held_by is None:
             raise ActionRefused("Take over this conversation before replying.")
@@ -205,16 +301,24 @@ def conversation_send(
     return message
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.HAND_BACK)
 def conversation_hand_back(
     *, conversation: Conversation, operator: AbstractBaseUser, force: bool = False
 ) -> Command | None:
     """Ask Pinecall to resume the AI; the holder stays until Pinecall confirms.
 
     An ended conversation has nothing to resume: the hold is released at once.
+    While a resume awaits Pinecall (asked by anyone), it is returned: no second one.
     """
     _require(operator, TAKE_OVER_PERMISSION)
     conversation = _locked(conversation)
+    open_resume = conversation.commands.filter(
+        kind=Command.Kind.RESUME,
+        scope=Command.Scope.SESSION,
+        status__in=[Command.Status.PENDING, Command.Status.SENT],
+    ).last()
+    if open_resume is not None:
+        return open_resume
     if conversation.held_by_id is None:
         raise ActionRefused("The AI already handles this conversation.")
     if conversation.held_by_id != operator.pk and not force:
@@ -259,7 +363,7 @@ def conversation_mark_read(*, conversation: Conversation, operator: AbstractBase
 # ---------------------------------------------------------------- contact and agent
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.PAUSE_CONTACT)
 def contact_pause(*, contact_phone: str, operator: AbstractBaseUser, agent_id: str = "") -> Command:
     """Pause the AI for every session, current and future, of one contact."""
     _require(operator, PAUSE_WIDE_PERMISSION)
@@ -274,7 +378,7 @@ def contact_pause(*, contact_phone: str, operator: AbstractBaseUser, agent_id: s
     )
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.RESUME_CONTACT)
 def contact_resume(
     *, contact_phone: str, operator: AbstractBaseUser, agent_id: str = ""
 ) -> Command:
@@ -290,7 +394,7 @@ def contact_resume(
     )
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.PAUSE_AGENT)
 def agent_pause(*, operator: AbstractBaseUser, agent_id: str = "") -> Command:
     """The kill switch: the AI stops answering everyone."""
     _require(operator, PAUSE_WIDE_PERMISSION)
@@ -303,7 +407,7 @@ def agent_pause(*, operator: AbstractBaseUser, agent_id: str = "") -> Command:
     )
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.RESUME_AGENT)
 def agent_resume(*, operator: AbstractBaseUser, agent_id: str = "") -> Command:
     """Switch the AI back on.
 
@@ -317,6 +421,26 @@ def agent_resume(*, operator: AbstractBaseUser, agent_id: str = "") -> Command:
         kind=Command.Kind.RESUME,
         scope=Command.Scope.AGENT,
         agent_id=agent_id or settings.PINECALL_AGENT_ID,
+    )
+
+
+# ---------------------------------------------------------------- logins
+
+
+@transaction.atomic
+def login_refused(*, username: str, ip_address: str, path: str = "") -> AuditEntry:
+    """A login refused by throttling (too many failures for this username from this IP)."""
+    username = username[:150]
+    User = get_user_model()
+    user = User.objects.filter(**{User.USERNAME_FIELD: username}).first() if username else None
+    where = f" at {path[:100]}" if path else ""
+    return AuditEntry.objects.create(
+        operator=user,
+        action=AuditEntry.Action.LOGIN,
+        agent_id="",
+        outcome=AuditEntry.Outcome.REFUSED,
+        detail=f"Too many failed logins: username {username!r} from {ip_address}{where}"[:500],
+        completed_at=timezone.now(),
     )
 
 

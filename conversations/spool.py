@@ -7,8 +7,8 @@ page cache intact, so only a machine crash can lose the tail) and stores from
 the spool, in order, as fast as the database allows. Memory stays bounded
 whatever the database does: the file is the queue.
 
-Files are segments named `<agent>-<id>.jsonl`, one `[seq, frame]` JSON array
-per line. How far each segment is stored lives in the database
+Files are segments named `<agent>-<id>.jsonl`, one `[seq, frame, spooled at]`
+JSON array per line. How far each segment is stored lives in the database
 (`IngestCursor`), written in the same transaction as the events, so a restart
 replays exactly what is after it. A process writes only its own new segment;
 segments left by an earlier process are replayed first, then deleted. A
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,11 +42,12 @@ class Segment:
         self._reader = None
         self.read_seq = 0  # the last seq the store loop has taken from this file
 
-    def read(self, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
-        """Up to `limit` records with seq > `after`, in order; skips a torn last line."""
+    def read(self, after: int, limit: int) -> list[tuple[int, dict[str, Any], float]]:
+        """Up to `limit` records (seq, frame, when it was spooled) with seq > `after`, in
+        order; a torn last line is left for later."""
         if self._reader is None:
             self._reader = self.path.open("r", encoding="ascii", errors="replace")
-        records: list[tuple[int, dict[str, Any]]] = []
+        records: list[tuple[int, dict[str, Any], float]] = []
         while len(records) < limit:
             position = self._reader.tell()
             line = self._reader.readline()
@@ -56,24 +58,20 @@ class Segment:
                 self._reader.seek(position)
                 break
             try:
-                seq, frame = json.loads(line)
+                seq, frame, *spooled_at = json.loads(line)
             except (ValueError, TypeError):
                 logger.warning("spool %s: skipping a damaged line", self.path.name)
                 continue
             if seq > after:
-                records.append((seq, frame))
+                records.append((seq, frame, spooled_at[0] if spooled_at else 0.0))
         if records:
             self.read_seq = records[-1][0]
         return records
 
-    def rewind(self) -> None:
-        """Read again from the start (after a failed store, the batch is taken again)."""
+    def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-
-    def close(self) -> None:
-        self.rewind()
 
     def delete(self) -> None:
         self.close()
@@ -117,7 +115,7 @@ class Spool:
         """Write one event; it is on disk (in the page cache) when this returns."""
         self.seq += 1
         # ensure_ascii: NULs, lone surrogates and newlines become escapes; one line per event.
-        self._writer.write(json.dumps([self.seq, frame], ensure_ascii=True) + "\n")
+        self._writer.write(json.dumps([self.seq, frame, time.time()], ensure_ascii=True) + "\n")
         self._writer.flush()
         return self.seq
 

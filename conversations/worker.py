@@ -24,10 +24,12 @@ Delivery rules:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import socket
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +48,7 @@ from django.db import (
     transaction,
 )
 
-from conversations import ingest, live, selectors, services
+from conversations import ingest, live, metrics, selectors, services
 from conversations.live import WORKER_CHANNEL
 from conversations.models import (
     Command,
@@ -61,6 +63,8 @@ from conversations.sanitize import clean_text
 from conversations.spool import Spool
 from pinecall_sdk import Pinecall, PinecallError, PinecallTimeout
 from pinecall_sdk.events import parse_event
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 logger = logging.getLogger("conversations.worker")
 
@@ -315,6 +319,7 @@ def store_event(event, agent_id: str) -> None:
         DeadLetter.objects.create(
             event=str(event.event)[:64], frame=_raw(event), reason=f"{type(error).__name__}: {error}"
         )
+        metrics.DEAD_LETTERS.inc()
     else:
         _log_stored(event)
 
@@ -440,7 +445,8 @@ class PinecallBridge:
         self._failed = asyncio.Event()
         self._reconciled = False
         self.sending = True  # cleared the moment leadership is lost
-        self.leader_changes = 0
+        self._last_heartbeat = 0.0
+        self._http: asyncio.Server | None = None
 
     # ---- lifecycle
 
@@ -458,6 +464,11 @@ class PinecallBridge:
         )
         self._spawn(self._send_broadcasts(), vital=True)
         self._spawn(self._report_process(), vital=True)
+        if settings.WORKER_HTTP_PORT:
+            self._http = await asyncio.start_server(
+                self._answer_http, "0.0.0.0", settings.WORKER_HTTP_PORT
+            )
+            logger.info("health and metrics on port %d", settings.WORKER_HTTP_PORT)
         await self._become_active()
         if self._stopping.is_set():
             return
@@ -504,7 +515,8 @@ class PinecallBridge:
         while not self._stopping.is_set():
             if await self.leadership.try_acquire():
                 self.process.become_active()
-                self.leader_changes += 1
+                metrics.ACTIVE.set(1)
+                metrics.LEADER_CHANGES.inc()
                 logger.info("active worker for agent %s (%s)", self.agent_id, self.process)
                 self._spawn(self._with_database(self.process.report))
                 return
@@ -517,6 +529,7 @@ class PinecallBridge:
         """The moment the lock is gone, stop sending and leave Pinecall: someone else may be active."""
         await self.leadership.hold()
         self.sending = False
+        metrics.ACTIVE.set(0)
         logger.error("no longer the active worker: closing the Pinecall connection")
         await self.client.close()
         self._fail(LeadershipLost("the advisory lock's connection was lost"))
@@ -539,6 +552,54 @@ class PinecallBridge:
         self._failed.set()
         self._wake.set()
 
+    # ---- health and metrics, for the process manager and Prometheus
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready: a standby that can reach the database, or an active worker whose
+        heartbeat is fresh and whose Pinecall connection is registered."""
+        active = self.process.active_since is not None
+        heartbeat_age = time.monotonic() - self._last_heartbeat if self._last_heartbeat else None
+        fresh = heartbeat_age is not None and heartbeat_age < settings.WORKER_HEARTBEAT_STALE_SECONDS
+        ready = not self.database_down and self.failure is None and (
+            not active or (fresh and self._registered.is_set())
+        )
+        return ready, {
+            "ready": ready,
+            "role": "active" if active else "standby",
+            "database": "unavailable" if self.database_down else "ok",
+            "pinecall": "registered" if self._registered.is_set() else "not connected",
+            "heartbeat_age_s": round(heartbeat_age, 1) if heartbeat_age is not None else None,
+        }
+
+    async def _answer_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            path = request_line.split(" ")[1] if " " in request_line else "/"
+            headers = dict(
+                line.split(":", 1) for line in header_lines if ":" in line
+            )
+            headers = {name.strip().lower(): value.strip() for name, value in headers.items()}
+            if path == "/healthz":
+                status, body, kind = 200, b"ok\n", "text/plain"
+            elif path == "/readyz":
+                ready, detail = self.readiness()
+                status, body, kind = (200 if ready else 503), json.dumps(detail).encode(), "application/json"
+            elif path == "/metrics" and metrics.token_accepted(headers.get("authorization", "")):
+                status, body, kind = 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+            else:
+                status, body, kind = 404, b"not found\n", "text/plain"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, IndexError, ValueError):
+            pass
+        finally:
+            writer.close()
+
     # ---- the database, waited for
 
     async def _with_database(self, func: Callable, *args, **kwargs):
@@ -556,11 +617,13 @@ class PinecallBridge:
                 continue
             if self.database_down:
                 self.database_down = False
+                metrics.DATABASE_AVAILABLE.set(1)
                 logger.warning("the database is back; storing what was kept meanwhile")
                 live.database_state_changed(available=True)
             return result
 
     def _database_unavailable(self, error: BaseException) -> None:
+        metrics.DATABASE_AVAILABLE.set(0)
         if not self.database_down:
             self.database_down = True
             logger.warning(
@@ -576,6 +639,7 @@ class PinecallBridge:
                 await _db(services.agent_connection_set)(
                     agent_id=self.agent_id, connected=self.client.connected and self._registered.is_set()
                 )
+                self._last_heartbeat = time.monotonic()
             except DatabaseError as error:
                 if not is_database_outage(error):
                     raise
@@ -601,6 +665,7 @@ class PinecallBridge:
             if records:
                 await self._store_records(active.spool_id, records)
                 self._stored_seq = records[-1][0]
+                metrics.INGEST_BACKLOG.set(self.spool.seq - self._stored_seq)
                 continue
             dropped = self.spool.roll_over_if_large(self._stored_seq)
             if dropped:
@@ -612,7 +677,7 @@ class PinecallBridge:
     async def _store_records(self, spool_id: str, records: list) -> None:
         """One batch: parsed once (reply anchors follow the stream), stored until it is."""
         events = []
-        for _, frame in records:
+        for _, frame, _ in records:
             if frame.get("event") == REGISTERED_MARK["event"]:
                 self._anchors.forget()
                 continue
@@ -624,6 +689,9 @@ class PinecallBridge:
             self._follow(event)
             events.append(event)
         await self._with_database(store_batch, events, self.agent_id, spool_id=spool_id, seq=records[-1][0])
+        for event in events:
+            metrics.EVENTS_STORED.labels(event.event).inc()
+        metrics.INGEST_LAG.set(max(0.0, time.time() - records[-1][2]))
         if any(_is_resume_all(event) for event in events):
             # Pinecall's resume-all cleared every level, humans' holds included.
             self._spawn(self._reassert_pauses())
@@ -675,6 +743,8 @@ class PinecallBridge:
         except DatabaseError as error:
             logger.warning("could not record the stop: %s", error)
         await self.leadership.release()
+        if self._http is not None:
+            self._http.close()
         logger.info("worker stopped")
 
     def wake(self) -> None:
@@ -693,6 +763,7 @@ class PinecallBridge:
 
     async def _on_disconnected(self, *_args) -> None:
         self._registered.clear()
+        metrics.CONNECTED.set(0)
         logger.warning("disconnected from Pinecall")
         self._spawn(self._record_connection(False))
 
@@ -714,6 +785,7 @@ class PinecallBridge:
         self.spool.append(REGISTERED_MARK)
         self._appended.set()
         self._registered.set()
+        metrics.CONNECTED.set(1)
         self._spawn(self._record_connection(True))
         self._spawn(self._reassert_pauses())
         if not self._reconciled:
@@ -806,21 +878,25 @@ class PinecallBridge:
                 message=f"Pinecall did not confirm in time ({error}).",
             )
             logger.warning("command %s %s: no confirmation", command.pk, command)
+            metrics.COMMANDS.labels(command.kind, "timeout").inc()
             return
         except PinecallError as error:
             if error.code == "CONNECTION_LOST" and command.kind != Command.Kind.SEND:
                 # A pause or resume is safe to repeat: back in the outbox it goes.
                 await self._with_database(services.command_requeue, command=command)
                 logger.warning("command %s %s: connection lost, requeued", command.pk, command)
+                metrics.COMMANDS.labels(command.kind, "requeued").inc()
                 return
             await self._with_database(
                 services.command_fail, command=command, code=error.code or "ERROR", message=str(error)
             )
             logger.warning("command %s %s failed: %s %s", command.pk, command, error.code, error)
+            metrics.COMMANDS.labels(command.kind, "failed").inc()
             return
         # Pinecall did it: the answer is recorded even if the database has to come back first.
         await self._with_database(services.command_confirm, command=command)
         logger.info("command %s %s confirmed", command.pk, command)
+        metrics.COMMANDS.labels(command.kind, "confirmed").inc()
         if command.kind == Command.Kind.RESUME and command.scope == Command.Scope.AGENT:
             await self._reassert_pauses()
 

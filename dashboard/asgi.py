@@ -10,17 +10,18 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from conversations.live import WORKER_CHANNEL  # noqa: E402
 from conversations.worker import PinecallWorkerConsumer  # noqa: E402
+from dashboard.origins import SameOriginValidator  # noqa: E402
 from dashboard.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        # Cross-origin sockets are refused before the session is even read.
-        "websocket": AllowedHostsOriginValidator(
+        # Sockets from any other origin (scheme, host and port) are refused
+        # before the session is even read.
+        "websocket": SameOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
         "channel": ChannelNameRouter({WORKER_CHANNEL: PinecallWorkerConsumer.as_asgi()}),

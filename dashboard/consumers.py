@@ -11,6 +11,10 @@ missed (`live.catch_up`: newer messages, moved ticks, changed inbox rows, this
 user's header, composer and agent banner), ending with a new cursor (the
 `since` for the next reconnect); then every fragment the groups receive is
 forwarded as it is. htmx's ws extension swaps them in.
+
+Every socket also joins its user's group (`live.user_group`): logging out,
+being deactivated or losing a role closes it with 4401 (`live.revoked`), and
+the page says "Signed out · reload".
 """
 
 from urllib.parse import parse_qs
@@ -41,7 +45,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
         conversation_id = _param(params, "conversation", int)
         if conversation_id is not None and conversation_id <= 0:
             conversation_id = None
-        self.groups_joined = [live.OPERATORS_GROUP]
+        self.session_key = getattr(self.scope.get("session"), "session_key", None) or ""
+        self.groups_joined = [live.OPERATORS_GROUP, live.user_group(user.pk)]
         if conversation_id:
             self.groups_joined.append(live.conversation_group(conversation_id))
         for group in self.groups_joined:
@@ -67,3 +72,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     async def live_html(self, event):
         await self.send(text_data=event["html"])
+
+    async def live_revoked(self, event):
+        """This person's access changed: close, unless it names another login session."""
+        if event.get("session_key") and event["session_key"] != self.session_key:
+            return
+        await self.close(code=4401)

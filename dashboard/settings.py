@@ -8,6 +8,7 @@ PINECALL_API_KEY for production.
 
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -62,10 +63,14 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "channels",
     "django_htmx",
+    "axes",
+    "csp",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Early, so that every answer carries the policy: pages, errors, the 503.
+    "dashboard.middleware.SiteCSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -75,6 +80,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "dashboard.middleware.DatabaseUnavailableMiddleware",
+    # Last, as axes asks: it turns a locked-out login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "dashboard.urls"
@@ -146,6 +153,11 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Axes first: it refuses a locked-out login before the password is even checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "inbox"
 LOGOUT_REDIRECT_URL = "login"
@@ -182,6 +194,38 @@ SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
 
+# Login throttling (django-axes): this many failures for one username from one IP
+# lock that pair out for the cool-off; the dashboard's and admin's logins alike.
+AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("AXES_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# Refused attempts during a lockout do not extend it: it ends when the page says.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_CALLABLE = "dashboard.auth.lockout_response"
+# The client's address as Daphne saw it (with --proxy-headers, from the proxy's
+# X-Forwarded-For): never a header the client could set itself.
+AXES_IPWARE_META_PRECEDENCE_ORDER = ["REMOTE_ADDR"]
+AXES_VERBOSE = False
+
+# Content-Security-Policy (django-csp): our own scripts only, no inline script, no
+# eval (htmx's allowEval is off). Inline styles stay allowed: templates set CSS
+# variables in style attributes. SiteCSPMiddleware adds the site's ws(s) origin.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "connect-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "frame-ancestors": ["'none'"],
+        "form-action": ["'self'"],
+        "base-uri": ["'self'"],
+        "object-src": ["'none'"],
+    },
+}
+
 # Pinecall: the agent this dashboard watches and the connection the worker holds.
 PINECALL_API_KEY = env.str("PINECALL_API_KEY", default="")
 # With a key, Pinecall's cloud; without one, a simulator on this machine.
@@ -200,13 +244,18 @@ PINECALL_COMMAND_TIMEOUT = env.float("PINECALL_COMMAND_TIMEOUT", default=10.0)
 WORKER_SPOOL_DIR = Path(env.str("WORKER_SPOOL_DIR", default=str(BASE_DIR / "var" / "spool")))
 # The banner says "Pinecall connected" only while the worker's heartbeat is this fresh.
 WORKER_HEARTBEAT_STALE_SECONDS = env.float("WORKER_HEARTBEAT_STALE_SECONDS", default=20.0)
+# The worker's own /healthz, /readyz and /metrics (0: not served).
+WORKER_HTTP_PORT = env.int("WORKER_HTTP_PORT", default=0)
+# Bearer token for /metrics; unset: /metrics answers 404.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 WHATSAPP_PHONE_NUMBER_ID = env.str("WHATSAPP_PHONE_NUMBER_ID", default="demo-phone-number-id")
 WHATSAPP_ACCESS_TOKEN = env.str("WHATSAPP_ACCESS_TOKEN", default="demo-access-token")
 WHATSAPP_VERIFY_TOKEN = env.str("WHATSAPP_VERIFY_TOKEN", default="") or None
 WHATSAPP_APP_SECRET = env.str("WHATSAPP_APP_SECRET", default="") or None
 
 # Product limits.
-MESSAGE_MAX_LENGTH = 4096  # WhatsApp's limit for a text body
+# WhatsApp's limit for a text body, in characters (code points, as len() counts).
+MESSAGE_MAX_LENGTH = env.int("MESSAGE_MAX_LENGTH", default=4096)
 INBOX_PAGE_SIZE = 50
 CONVERSATION_PAGE_SIZE = 50  # the latest; "Load earlier" pages back
 
@@ -220,5 +269,7 @@ LOGGING = {
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
+        # One line per login otherwise; lockouts are warnings (and audited).
+        "axes": {"level": "WARNING"},
     },
 }

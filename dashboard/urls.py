@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard import views
+from dashboard import health, views
 
 urlpatterns = [
     path("", views.inbox, name="inbox"),
@@ -19,6 +19,9 @@ urlpatterns = [
     path("agent/pause/", views.agent_pause, name="agent_pause"),
     path("agent/resume/", views.agent_resume, name="agent_resume"),
     path("favicon.ico", views.favicon),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("metrics", health.metrics, name="metrics"),
     path("admin/", admin.site.urls),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -20,11 +20,12 @@ from django.shortcuts import redirect, render, resolve_url
 from django.templatetags.static import static
 from django.template.loader import render_to_string
 from django.utils import timezone
+from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_POST
 
 from conversations import selectors, services
 from conversations.models import Conversation
-from conversations.services import ActionRefused
+from conversations.services import HeldByAnother
 
 NOT_ALLOWED = "You are not allowed to do this."
 
@@ -218,10 +219,13 @@ def _refusal(exc: Exception) -> tuple[int, str]:
         return 403, str(exc) or NOT_ALLOWED
     if isinstance(exc, ValidationError):
         return 422, " ".join(exc.messages)
-    return 409, str(exc)  # ActionRefused, HeldByAnother
+    if isinstance(exc, HeldByAnother):
+        # The holder's name isolated: a right-to-left name cannot reorder the sentence.
+        return 409, format_html(exc.MESSAGE, holder=format_html("<bdi>{}</bdi>", exc.holder_name))
+    return 409, str(exc)  # ActionRefused
 
 
-REFUSALS = (PermissionDenied, ValidationError, ActionRefused)
+REFUSALS = services.REFUSALS
 
 
 def _conversation_action(request: HttpRequest, pk: int, action, *, done: str = "") -> HttpResponse:

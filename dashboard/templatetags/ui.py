@@ -13,6 +13,8 @@ from datetime import datetime
 
 from django import template
 from django.utils import timezone
+from django.utils.html import conditional_escape
+from django.utils.safestring import mark_safe
 
 register = template.Library()
 
@@ -146,3 +148,15 @@ def window_state(value: datetime | None) -> str:
 def words(value: str) -> str:
     """'idle_timeout' -> 'idle timeout'."""
     return (value or "").replace("_", " ")
+
+
+@register.filter
+def isolate(text, name):
+    """`text`, escaped, with the person's `name` inside it wrapped in <bdi>.
+
+    A right-to-left (or overriding) name then cannot reorder the words around it.
+    """
+    text, name = conditional_escape(text), conditional_escape(name or "")
+    if not name or name not in text:
+        return text
+    return mark_safe(text.replace(name, f"<bdi>{name}</bdi>", 1))

@@ -5,6 +5,7 @@
  * - a message the page already shows is replaced, never shown twice;
  * - relative times and the 24-hour window are refreshed each minute;
  * - the composer: Enter sends, Shift+Enter new line, counter, cleared on success;
+ * - a live "fetch your own state" element goes once it is answered;
  * - a styled confirmation dialog for hx-confirm, toasts, keyboard shortcuts.
  */
 (function () {
@@ -305,14 +306,26 @@
 
   // ------------------------------------------------------------ the composer
 
+  /* Characters as the server counts them (Python's len: code points). The
+   * textarea's own maxlength would count UTF-16 units, an emoji as two. */
+  function charCount(text) { return Array.from(text || "").length; }
+  function composerMax(form) {
+    var counter = form && $("[data-counter]", form);
+    return (counter && parseInt(counter.dataset.max, 10)) || 4096;
+  }
+
   function composerChanged(box) {
     var form = box.form;
     var counter = form && $("[data-counter]", form);
+    var count = charCount(box.value);
+    var max = composerMax(form);
     if (counter) {
-      var max = parseInt(counter.dataset.max, 10) || 4096;
-      counter.textContent = box.value.length + " / " + max;
-      counter.classList.toggle("is-near", box.value.length > max * 0.9);
+      counter.textContent = count + " / " + max;
+      counter.classList.toggle("is-near", count > max * 0.9);
+      counter.classList.toggle("is-over", count > max);
     }
+    var tooLong = form && $("[data-too-long]", form);
+    if (tooLong && count <= max) tooLong.remove();
     box.style.height = "auto";
     box.style.height = Math.min(box.scrollHeight + 2, 220) + "px";
   }
@@ -366,10 +379,28 @@
   /* Clearing the composer once a send is accepted. A state refresh can swap the
    * send form out while its request is in flight, and htmx's events for a
    * detached form never reach the document: so listen on the request itself. */
+  /* Over the limit, nothing is sent: the text stays, with the reason beside it. */
+  function refuseTooLong(form, text) {
+    var count = charCount(text.trim());
+    var max = composerMax(form);
+    if (count <= max) return false;
+    var note = $("[data-too-long]", form);
+    if (!note) {
+      note = document.createElement("p");
+      note.className = "composer-error";
+      note.setAttribute("role", "alert");
+      note.setAttribute("data-too-long", "");
+      form.insertBefore(note, form.firstChild);
+    }
+    note.textContent = "WhatsApp takes at most " + max + " characters (this has " + count + "): shorten it to send.";
+    return true;
+  }
+
   document.addEventListener("htmx:beforeRequest", function (e) {
     var form = e.detail.elt;
     if (!form.matches || !form.matches("[data-composer]")) return;
     var sent = ($("textarea", form) || {}).value || "";
+    if (refuseTooLong(form, sent)) { e.preventDefault(); return; }
     var xhr = e.detail.xhr;
     xhr.addEventListener("load", function () {
       if (xhr.status < 200 || xhr.status >= 300) return; // the answer shows why; text kept
@@ -379,6 +410,15 @@
       if (box) { saveDraft(box); composerChanged(box); box.focus(); }
       requestAnimationFrame(scrollToBottom);
     });
+  });
+
+  /* A live "fetch your own header and composer" element (_conversation_sync.html),
+   * answered: it goes, with those queued before it (the newest answer covers them). */
+  document.addEventListener("htmx:afterRequest", function (e) {
+    var elt = e.detail.elt;
+    if (!elt || !elt.matches || !elt.matches("[data-conv-sync]")) return;
+    while (elt.previousElementSibling) elt.previousElementSibling.remove();
+    elt.remove();
   });
 
   document.addEventListener("htmx:afterRequest", function (e) {

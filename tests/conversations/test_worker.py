@@ -328,3 +328,37 @@ async def test_messages_pinecall_has_and_we_lack_are_shown_after_a_restart(sim, 
     assert conversation.unreceived == [{"content": "the one we lose"}]
     assert not await db(Message.objects.filter(text="the one we lose").exists)()
     await bridge.stop()
+
+
+async def test_the_worker_serves_its_health_and_metrics(sim, start_worker, settings):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings.WORKER_HTTP_PORT = port
+    settings.METRICS_TOKEN = "s3cret"
+    bridge = await start_worker()
+    await sim.customer_says(phone="34600000003", name="Mo", text="metrics please")
+    await eventually(lambda: Message.objects.filter(text="metrics please").exists())
+
+    def get(path, token=None):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n")
+    status, body = await eventually(lambda: (lambda r: r if r[0] == 200 else None)(get("/readyz")))
+    assert '"role": "active"' in body
+    assert (await asyncio.to_thread(get, "/metrics"))[0] == 404
+    status, body = await asyncio.to_thread(get, "/metrics", "s3cret")
+    assert status == 200
+    assert 'pinecall_events_stored_total{event="whatsapp.message"}' in body
+    assert "pinecall_worker_active 1.0" in body
+    await bridge.stop()

@@ -66,7 +66,7 @@ def ana_cookie(ana):
 def socket(
     path: str, cookie: str | None = None, origin: str | None = ORIGIN
 ) -> WebsocketCommunicator:
-    headers = [(b"host", b"127.0.0.1")]
+    headers = [(b"host", b"127.0.0.1:8000")]  # the page's own origin is ORIGIN
     if origin:
         headers.append((b"origin", origin.encode()))
     if cookie:

@@ -19,3 +19,14 @@ def test_hashed_names_after_collectstatic(tmp_path):
         assert url.startswith("/static/css/app.") and url != "/static/css/app.css"
         assert (tmp_path / "collected" / "css" / url.rsplit("/", 1)[1]).exists()
     staticfiles_storage._setup()
+
+
+def test_a_file_added_since_collectstatic_gets_its_plain_name(tmp_path):
+    """A checkout with an older collectstatic still renders pages (no 500 on a new file)."""
+    with override_settings(STATIC_ROOT=tmp_path / "collected"):
+        call_command("collectstatic", "--noinput", verbosity=0)
+        staticfiles_storage._setup()
+        staticfiles_storage.hashed_files.pop("css/admin.css")
+        assert staticfiles_storage.url("css/admin.css") == "/static/css/admin.css"
+        assert staticfiles_storage.url("css/app.css") != "/static/css/app.css"
+    staticfiles_storage._setup()

@@ -10,6 +10,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from conversations import services
 from conversations.models import AgentState, Command, ContactPause, Conversation, Message
 from tests.factories import ConversationFactory, MessageFactory
 
@@ -227,7 +228,7 @@ class TestConversationPage:
         assert "media-image" in body and "the broken box" in body
         assert "media-document" in body and "invoice.pdf" in body
         assert "tick-read" in body and "tick-delivered" in body
-        assert "tick-failed" in body and "Not delivered: Pinecall refused the message" in body
+        assert "tick-failed" in body and "Not delivered: <bdi>Pinecall refused the message</bdi>" in body
         assert "data-retry" in body
         last = Message.objects.filter(conversation=c).order_by("id").last()
         assert f"after={last.pk}" in body and f"conversation={c.pk}" in body
@@ -326,8 +327,8 @@ class TestStateView:
     def test_someone_else_holds_it(self, operator_client, other_operator):
         c = ConversationFactory(held=True, held_by=other_operator)
         body = operator_client.get(f"/c/{c.pk}/state/").content.decode()
-        assert "Bruno Costa holds this conversation" in body
-        assert "Take over from Bruno Costa" in body
+        assert "<bdi>Bruno Costa</bdi> holds this conversation" in body
+        assert "Take over from <bdi>Bruno Costa</bdi>" in body
         assert "hx-confirm=" in body and '"force": "1"' in body
         assert "composer-text" not in body
 
@@ -442,8 +443,8 @@ class TestTakeOver:
         response = post(operator_client, f"/c/{c.pk}/take-over/")
         assert response.status_code == 409
         body = response.content.decode()
-        assert "Bruno Costa holds this conversation. Take it over to reply." in body
-        assert "Take over from Bruno Costa" in body
+        assert "<bdi>Bruno Costa</bdi> holds this conversation. Take it over to reply." in body
+        assert "Take over from <bdi>Bruno Costa</bdi>" in body
         assert refreshed(c).held_by == other_operator
 
         response = post(operator_client, f"/c/{c.pk}/take-over/", {"force": "1"})
@@ -455,10 +456,19 @@ class TestTakeOver:
         assert post(operator_client, f"/c/{conversation.pk}/take-over/").status_code == 200
         late = post(other_operator_client, f"/c/{conversation.pk}/take-over/")
         assert late.status_code == 409
-        assert "Ana Silva holds this conversation" in late.content.decode()
+        assert "<bdi>Ana Silva</bdi> holds this conversation" in late.content.decode()
 
-    def test_twice_by_the_holder(self, operator_client, conversation):
+    def test_twice_by_the_holder_is_one_pause(self, operator_client, conversation):
+        """A double click: the second answers with the first's pending pause."""
         post(operator_client, f"/c/{conversation.pk}/take-over/")
+        response = post(operator_client, f"/c/{conversation.pk}/take-over/")
+        assert response.status_code == 200
+        assert "Taking over… waiting for Pinecall" in response.content.decode()
+        assert Command.objects.filter(conversation=conversation, kind="pause").count() == 1
+
+    def test_again_once_confirmed_says_so(self, operator_client, conversation):
+        post(operator_client, f"/c/{conversation.pk}/take-over/")
+        services.command_confirm(command=Command.objects.get(conversation=conversation))
         response = post(operator_client, f"/c/{conversation.pk}/take-over/")
         assert response.status_code == 409
         assert "You already hold this conversation." in response.content.decode()
@@ -507,7 +517,9 @@ class TestSend:
         body = response.content.decode()
         assert "at most 4096 characters" in body
         assert f">{text}</textarea>" in body
-        assert 'maxlength="4096"' in body
+        # Counted in code points by app.js: the browser's maxlength would count UTF-16 units.
+        assert "maxlength" not in body
+        assert 'data-max="4096"' in body
 
     def test_not_holding_keeps_the_text(self, operator_client, other_operator):
         c = ConversationFactory(held=True, held_by=other_operator)
