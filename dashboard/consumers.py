@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from conversations import live
+from conversations import live, metrics
 
 
 def _param(params: dict, name: str, kind):
@@ -52,6 +52,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
         for group in self.groups_joined:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
+        self.counted = True
+        metrics.LIVE_SOCKETS.inc()
         # Joined first, then read: nothing falls between the two (duplicates are
         # possible, and the page ignores a message it already shows).
         missed = await database_sync_to_async(live.catch_up)(
@@ -64,6 +66,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=html)
 
     async def disconnect(self, code):
+        if getattr(self, "counted", False):
+            self.counted = False
+            metrics.LIVE_SOCKETS.dec()
         for group in getattr(self, "groups_joined", []):
             await self.channel_layer.group_discard(group, self.channel_name)
 
