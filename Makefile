@@ -26,7 +26,7 @@ $(DEV_STAMP): requirements.txt requirements-dev.txt | $(PY)
 run: $(RUNTIME_STAMP)
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py collectstatic --noinput -v0
-	$(PY) manage.py demo_operator
+	$(PY) manage.py demo_operator --host $(HOST) --port $(PORT)
 	$(PY) manage.py serve --host $(HOST) --port $(PORT)
 
 ## make test: everything, including the real-browser tests.

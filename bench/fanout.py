@@ -100,7 +100,7 @@ def _ingest_breakdown(walls: dict[str, float]) -> dict:
 async def run(h) -> dict:
     from channels.layers import get_channel_layer
 
-    from conversations.live import conversation_group
+    from conversations.notify import conversation_group
 
     scale = h.scale
     result: dict = {}

@@ -22,7 +22,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from conversations import live
+from conversations import notify
 from conversations.models import Command, Conversation, Message
 from conversations.sanitize import clean_field, clean_id, clean_text
 from conversations.services import (
@@ -91,7 +91,7 @@ def ingest_sessions_started(starts: list[SessionStart]) -> list[Conversation]:
     for start in starts:
         conversation = conversations[start.session_id]
         if start.session_id in created:
-            live.after_commit(live.inbox_row_changed, conversation)
+            notify.after_commit(notify.inbox_row_changed, conversation)
             continue
         changed = []
         if start.contact_phone and conversation.contact_phone != start.contact_phone:
@@ -102,7 +102,7 @@ def ingest_sessions_started(starts: list[SessionStart]) -> list[Conversation]:
             changed.append("contact_name")
         if changed:
             conversation.save(update_fields=[*changed, "updated_at"])
-            live.after_commit(live.conversation_changed, conversation)
+            notify.after_commit(notify.conversation_changed, conversation)
     return [conversations[start.session_id] for start in starts]
 
 
@@ -190,7 +190,7 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
         conversation.updated_at = now
     Conversation.objects.bulk_update(conversations.values(), [*changed, "updated_at"])
     for message in messages:
-        live.after_commit(live.message_added, message)
+        notify.after_commit(notify.message_added, message)
     return messages
 
 
@@ -324,7 +324,7 @@ def ingest_response(
         status_changed_at=now,
     )
     conversation_touch(conversation, message)
-    live.after_commit(live.message_added, message)
+    notify.after_commit(notify.message_added, message)
     return message
 
 
@@ -384,7 +384,7 @@ def ingest_status(*, message_id: str, status: str, recipient: str = "") -> Messa
     message.status = status
     message.status_changed_at = timezone.now()
     message.save(update_fields=["status", "status_changed_at"])
-    live.after_commit(live.message_changed, message)
+    notify.after_commit(notify.message_changed, message)
     return message
 
 
@@ -407,7 +407,7 @@ def ingest_session_ended(
     if conversation.is_active:
         ended_at = _as_datetime(ended_at)
         conversation_end(conversation, reason=reason or "ended", ended_at=ended_at)
-        live.after_commit(live.conversation_changed, conversation)
+        notify.after_commit(notify.conversation_changed, conversation)
     return conversation
 
 

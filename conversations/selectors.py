@@ -15,6 +15,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
+from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
 from conversations.models import (
     AgentState,
     Command,
@@ -151,6 +152,19 @@ def conversation_get(pk: int) -> Conversation:
     return Conversation.objects.select_related("held_by").get(pk=pk)
 
 
+def conversation_find(pk: int) -> Conversation | None:
+    return Conversation.objects.select_related("held_by").filter(pk=pk).first()
+
+
+def inbox_rows_by_id(conversation_ids) -> list[Conversation]:
+    """Rows to re-render, oldest activity first (so the newest lands on top)."""
+    return list(
+        Conversation.objects.select_related("held_by")
+        .filter(pk__in=list(conversation_ids))
+        .order_by("last_message_at", "id")
+    )
+
+
 def conversation_messages(
     *, conversation_id: int, before: int | None = None, limit: int = 0
 ) -> tuple[list[Message], bool]:
@@ -239,12 +253,6 @@ class ConversationState:
 
 def conversation_state(*, conversation: Conversation, user: AbstractBaseUser) -> ConversationState:
     """Three small queries: the last session command, the contact's pause, its open command."""
-    from conversations.services import (  # the one place that knows permission names
-        PAUSE_WIDE_PERMISSION,
-        TAKE_OVER_PERMISSION,
-        display_name,
-    )
-
     last = (
         Command.objects.filter(
             conversation_id=conversation.pk,

@@ -21,7 +21,8 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from conversations import live
+from conversations import notify
+from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
 from conversations.models import (
     AgentState,
     AuditEntry,
@@ -31,8 +32,6 @@ from conversations.models import (
     Message,
 )
 
-TAKE_OVER_PERMISSION = "conversations.take_over_conversation"
-PAUSE_WIDE_PERMISSION = "conversations.pause_contact_or_agent"
 WHATSAPP_WINDOW = timezone.timedelta(hours=24)
 # The same Send by the same operator within this is a repeat (a double click, a
 # retried request), answered with the first one's message.
@@ -59,13 +58,6 @@ REFUSALS = (PermissionDenied, ValidationError, ActionRefused)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def display_name(user: AbstractBaseUser | None) -> str:
-    if user is None:
-        return "Someone"
-    full = user.get_full_name() if hasattr(user, "get_full_name") else ""
-    return full or user.get_username()
 
 
 def _require(operator: AbstractBaseUser, permission: str) -> None:
@@ -146,7 +138,7 @@ def _enqueue(*, audit_action: str, operator, conversation=None, **command_fields
         contact_phone=command.contact_phone,
         command=command,
     )
-    live.after_commit(live.wake_worker)
+    notify.after_commit(notify.wake_worker)
     return command
 
 
@@ -158,7 +150,7 @@ def _note(conversation: Conversation, text: str) -> Message:
         author=Message.Author.SYSTEM,
         text=text,
     )
-    live.after_commit(live.message_added, note)
+    notify.after_commit(notify.message_added, note)
     return note
 
 
@@ -221,7 +213,7 @@ def conversation_take_over(
     )
     if holder is not None and holder.pk != operator.pk:
         _note(conversation, f"{display_name(operator)} took over from {display_name(holder)}")
-    live.after_commit(live.conversation_changed, conversation)
+    notify.after_commit(notify.conversation_changed, conversation)
     return command
 
 
@@ -297,7 +289,7 @@ def conversation_send(
         text=text,
     )
     conversation_touch(conversation, message)
-    live.after_commit(live.message_added, message)
+    notify.after_commit(notify.message_added, message)
     return message
 
 
@@ -334,7 +326,7 @@ def conversation_hand_back(
             completed_at=timezone.now(),
         )
         _release(conversation)
-        live.after_commit(live.conversation_changed, conversation)
+        notify.after_commit(notify.conversation_changed, conversation)
         return None
     command = _enqueue(
         audit_action=AuditEntry.Action.HAND_BACK,
@@ -345,7 +337,7 @@ def conversation_hand_back(
         agent_id=conversation.agent_id,
         session_id=conversation.session_id,
     )
-    live.after_commit(live.conversation_changed, conversation)
+    notify.after_commit(notify.conversation_changed, conversation)
     return command
 
 
@@ -357,7 +349,7 @@ def conversation_mark_read(*, conversation: Conversation, operator: AbstractBase
     ).update(unread_count=0, updated_at=timezone.now())  # catch-up reads updated_at
     if updated:
         conversation.unread_count = 0
-        live.after_commit(live.conversation_changed, conversation)
+        notify.after_commit(notify.conversation_changed, conversation)
 
 
 # ---------------------------------------------------------------- contact and agent
@@ -507,7 +499,7 @@ def command_fail(*, command: Command, code: str, message: str) -> Command:
             status=Message.Status.FAILED, error=message[:300], status_changed_at=now
         )
         failed = Message.objects.get(pk=command.message_id)
-        live.after_commit(live.message_changed, failed)
+        notify.after_commit(notify.message_changed, failed)
     elif command.kind == Command.Kind.PAUSE and conversation is not None:
         conversation = _locked(conversation)
         # The pause never happened: the AI still answers, so the claim is undone,
@@ -517,8 +509,8 @@ def command_fail(*, command: Command, code: str, message: str) -> Command:
         if code == "SESSION_NOT_FOUND" and conversation.is_active:
             conversation_end(conversation, reason="not_found")
     if conversation is not None:
-        live.after_commit(live.conversation_changed, conversation)
-    live.after_commit(live.command_changed, command)
+        notify.after_commit(notify.conversation_changed, conversation)
+    notify.after_commit(notify.command_changed, command)
     return command
 
 
@@ -539,9 +531,9 @@ def _apply_confirmed(command: Command) -> None:
                 message.status = Message.Status.SENT
                 message.status_changed_at = timezone.now()
                 message.save(update_fields=["status", "status_changed_at"])
-                live.after_commit(live.message_changed, message)
+                notify.after_commit(notify.message_changed, message)
         if command.kind != Kind.SEND:
-            live.after_commit(live.conversation_changed, conversation)
+            notify.after_commit(notify.conversation_changed, conversation)
     elif command.scope == Scope.CONTACT:
         contact_pause_set(
             agent_id=command.agent_id,
@@ -553,7 +545,7 @@ def _apply_confirmed(command: Command) -> None:
         agent_paused_set(
             agent_id=command.agent_id, paused=command.kind == Kind.PAUSE, operator=command.operator
         )
-    live.after_commit(live.command_changed, command)
+    notify.after_commit(notify.command_changed, command)
 
 
 # ---------------------------------------------------------------- pause state, whoever changed it
@@ -566,7 +558,7 @@ def session_paused_set(*, session_id: str, paused: bool) -> Conversation | None:
     if conversation is None:
         return None
     if _set_session_paused(conversation, paused):
-        live.after_commit(live.conversation_changed, conversation)
+        notify.after_commit(notify.conversation_changed, conversation)
     return conversation
 
 
@@ -600,7 +592,7 @@ def contact_pause_set(
         .first()
     )
     if conversation is not None:
-        live.after_commit(live.conversation_changed, conversation)
+        notify.after_commit(notify.conversation_changed, conversation)
 
 
 @transaction.atomic
@@ -611,7 +603,7 @@ def agent_paused_set(*, agent_id: str, paused: bool, operator=None) -> AgentStat
     state.paused_by = operator if paused else None
     state.paused_at = timezone.now() if paused else None
     state.save(update_fields=["ai_paused", "paused_by", "paused_at"])
-    live.after_commit(live.agent_state_changed, state)
+    notify.after_commit(notify.agent_state_changed, state)
     return state
 
 
@@ -624,8 +616,8 @@ def agent_connection_set(*, agent_id: str, connected: bool) -> AgentState:
     state.worker_seen_at = timezone.now()
     state.save(update_fields=["worker_connected", "worker_seen_at"])
     if changed:
-        live.after_commit(live.agent_state_changed, state)
-    live.after_commit(live.worker_heartbeat, state)
+        notify.after_commit(notify.agent_state_changed, state)
+    notify.after_commit(notify.worker_heartbeat, state)
     return state
 
 
@@ -682,7 +674,7 @@ def conversation_unreceived_set(*, conversation_id: int, pinecall_said: list[str
     if unreceived != conversation.unreceived:
         conversation.unreceived = unreceived
         fields += ["unreceived", "updated_at"]
-        live.after_commit(live.conversation_changed, conversation)
+        notify.after_commit(notify.conversation_changed, conversation)
     conversation.save(update_fields=fields)
     return missing
 

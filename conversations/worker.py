@@ -36,6 +36,8 @@ from pathlib import Path
 
 from asgiref.sync import sync_to_async
 from channels.consumer import AsyncConsumer
+from channels.layers import get_channel_layer
+from channels.routing import ChannelNameRouter
 from channels.worker import Worker
 from django.conf import settings
 from django.utils import timezone
@@ -48,8 +50,8 @@ from django.db import (
     transaction,
 )
 
-from conversations import ingest, live, metrics, selectors, services
-from conversations.live import WORKER_CHANNEL
+from conversations import ingest, metrics, notify, selectors, services
+from conversations.notify import WORKER_CHANNEL
 from conversations.models import (
     Command,
     ContactPause,
@@ -72,6 +74,9 @@ OUTBOX_POLL_SECONDS = 2.0
 OUTBOX_BATCH = 200
 INGEST_BATCH = 500
 HEARTBEAT_SECONDS = 5.0
+# After losing the lock, how long the worker keeps its Pinecall connection
+# (not sending) hoping to get the lock back before leaving it to another.
+LEADERSHIP_GRACE_SECONDS = 10.0
 DATABASE_RETRY_MAX_SECONDS = 5.0
 # Written into the spool when a connection registers: the replies that follow
 # may be repeats whose customer message came before the server's replay.
@@ -147,10 +152,6 @@ def _pauses_to_reassert(agent_id: str) -> tuple[list[str], list[str], bool]:
     return sessions, contacts, agent_paused
 
 
-class LeadershipLost(RuntimeError):
-    """Another worker may be active now: this one must stop."""
-
-
 class WorkerIdentity:
     """This process as the banner and the other workers see it (its WorkerProcess row)."""
 
@@ -216,7 +217,7 @@ def store_batch(events: list, agent_id: str, *, spool_id: str = "", seq: int = 0
     A database outage raises (the caller keeps the batch and tries again), so
     nothing is given up because the database was away.
     """
-    with live.coalesced():
+    with notify.coalesced():
         try:
             with transaction.atomic():
                 for run in _set_wise_runs(events):
@@ -328,7 +329,7 @@ def dead_letter_retry(*, dead_letter: DeadLetter) -> bool:
     """Store a dead letter's frame again (its cause fixed); True when it was stored."""
     try:
         event = parse_event(dead_letter.frame)
-        with live.coalesced(), transaction.atomic():
+        with notify.coalesced(), transaction.atomic():
             STORE[event.event](event, _agent_of(event, settings.PINECALL_AGENT_ID))
     except Exception as error:
         DeadLetter.objects.filter(pk=dead_letter.pk).update(
@@ -400,9 +401,35 @@ STORED_EVENTS = frozenset(STORE)
 class PinecallBridge:
     """One Pinecall connection for one agent, wired to the domain's services."""
 
-    def __init__(self, *, client: Pinecall | None = None) -> None:
+    def __init__(self) -> None:
         self.agent_id = settings.PINECALL_AGENT_ID
-        self.client = client or Pinecall(
+        self.client: Pinecall | None = None
+        self.agent = None
+        # PostgreSQL picks the one active worker; the others wait as standbys.
+        self.leadership = Leadership(self.agent_id)
+        self.process = WorkerIdentity(agent_id=self.agent_id)
+        # Every event reaches the spool the moment it is read; the store loop follows
+        # it. Opened when first active: a standby has read nothing to keep.
+        self.spool: Spool | None = None
+        self._appended = asyncio.Event()
+        self._anchors = ReplyAnchors()
+        self._stored_seq = 0  # of the active segment
+        self._broadcasts: asyncio.Queue = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self.database_down = False
+        self.failure: BaseException | None = None
+        self._failed = asyncio.Event()
+        self._reconciled = False
+        self.sending = False  # only while this process holds the leadership
+        self._last_heartbeat = 0.0
+        self._http: asyncio.Server | None = None
+
+    def _new_client(self) -> None:
+        """A fresh Pinecall client for each period as the active worker."""
+        self.client = Pinecall(
             api_key=settings.PINECALL_API_KEY or "embedded-simulator",
             url=settings.PINECALL_URL,
             command_timeout=settings.PINECALL_COMMAND_TIMEOUT,
@@ -426,38 +453,17 @@ class PinecallBridge:
         self.client.on("disconnected", self._on_disconnected)
         self.client.on("error", self._on_client_error)
         self.client.on("fatal", self._on_client_fatal)
-        # PostgreSQL picks the one active worker; the others wait as standbys.
-        self.leadership = Leadership(self.agent_id)
-        self.process = WorkerIdentity(agent_id=self.agent_id)
-        # Every event reaches the spool the moment it is read; the store loop follows
-        # it. Opened once active: a standby must not take the active worker's files.
-        self.spool: Spool | None = None
-        self._appended = asyncio.Event()
-        self._anchors = ReplyAnchors()
-        self._stored_seq = 0  # of the active segment
-        self._broadcasts: asyncio.Queue = asyncio.Queue()
-        self._wake = asyncio.Event()
-        self._registered = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
-        self.database_down = False
-        self.failure: BaseException | None = None
-        self._failed = asyncio.Event()
-        self._reconciled = False
-        self.sending = True  # cleared the moment leadership is lost
-        self._last_heartbeat = 0.0
-        self._http: asyncio.Server | None = None
 
     # ---- lifecycle
 
     async def run(self) -> None:
-        """Connect (retrying while Pinecall is unreachable) and drain the outbox until stopped.
+        """Wait to be the active worker, serve while it lasts, and again, until stopped.
 
         Returns when stopped; raises when the bridge cannot go on (a rejected
         key, a loop that died): the process then exits non-zero.
         """
         loop = asyncio.get_running_loop()
-        live.send_through(
+        notify.send_through(
             lambda group, message: loop.call_soon_threadsafe(
                 self._broadcasts.put_nowait, (group, message)
             )
@@ -469,19 +475,58 @@ class PinecallBridge:
                 self._answer_http, "0.0.0.0", settings.WORKER_HTTP_PORT
             )
             logger.info("health and metrics on port %d", settings.WORKER_HTTP_PORT)
-        await self._become_active()
-        if self._stopping.is_set():
-            return
-        self._spawn(self._watch_leadership(), vital=True)
-        self.spool = Spool(Path(settings.WORKER_SPOOL_DIR), self.agent_id)
-        self._spawn(self._store_from_spool(), vital=True)
+        while not self._stopping.is_set() and not self._failed.is_set():
+            await self._become_active()
+            if self._stopping.is_set():
+                break
+            await self._serve_while_active()
+        if self._failed.is_set():
+            raise self.failure
+
+    async def _serve_while_active(self) -> None:
+        """Connect, re-assert, drain the outbox; return once the leadership is gone for good."""
+        if self.spool is None:
+            self.spool = Spool(Path(settings.WORKER_SPOOL_DIR), self.agent_id)
+            self._spawn(self._store_from_spool(), vital=True)
+            self._spawn(self._heartbeat(), vital=True)
+        self._new_client()
+        self._reconciled = False
         # Only the active worker ever judges what a dead one left in flight.
         await self._with_database(_recover_in_flight)
-        self._spawn(self._heartbeat(), vital=True)
-        while not self._stopping.is_set():
+        self.sending = True
+        kept = asyncio.ensure_future(self._keep_leadership())
+        try:
+            await self._connect(until=kept)
+            while not (self._stopping.is_set() or self._failed.is_set() or kept.done()):
+                try:
+                    await self._drain_when_registered()
+                except DatabaseError as error:
+                    if not is_database_outage(error):
+                        raise
+                    self._database_unavailable(error)
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=OUTBOX_POLL_SECONDS)
+                except TimeoutError:
+                    pass
+        finally:
+            kept.cancel()
+            if not self._stopping.is_set():
+                # Someone else may be active now: leave Pinecall to them.
+                self.sending = False
+                self._registered.clear()
+                self.process.active_since = None
+                metrics.ACTIVE.set(0)
+                metrics.CONNECTED.set(0)
+                await self.client.close()
+                logger.warning("standby again: the Pinecall connection is closed")
+
+    async def _connect(self, *, until: asyncio.Future) -> None:
+        """Open the Pinecall connection, retrying while Pinecall is unreachable."""
+        while not (self._stopping.is_set() or until.done()):
             try:
                 await self.client.connect()
-                break
+                return
             except PinecallError as error:
                 if error.code == "UNAUTHORIZED":
                     logger.error("Pinecall rejected the API key: %s", error)
@@ -490,22 +535,6 @@ class PinecallBridge:
             except OSError as error:
                 logger.warning("cannot reach Pinecall yet (%s); retrying in 2 s", error)
             await self._sleep(2.0)
-        while not self._stopping.is_set():
-            if self._failed.is_set():
-                raise self.failure
-            try:
-                await self._drain_when_registered()
-            except DatabaseError as error:
-                if not is_database_outage(error):
-                    raise
-                self._database_unavailable(error)
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=OUTBOX_POLL_SECONDS)
-            except TimeoutError:
-                pass
-        if self._failed.is_set():
-            raise self.failure
 
     # ---- leadership
 
@@ -525,14 +554,32 @@ class PinecallBridge:
                 said = True
             await self._sleep(1.0)
 
-    async def _watch_leadership(self) -> None:
-        """The moment the lock is gone, stop sending and leave Pinecall: someone else may be active."""
-        await self.leadership.hold()
-        self.sending = False
-        metrics.ACTIVE.set(0)
-        logger.error("no longer the active worker: closing the Pinecall connection")
-        await self.client.close()
-        self._fail(LeadershipLost("the advisory lock's connection was lost"))
+    async def _keep_leadership(self) -> None:
+        """Watch the lock; return when it is lost for good.
+
+        The moment the lock's connection fails, this worker cannot know whether
+        another is active, so it stops sending at once. It keeps reading (and
+        spooling) Pinecall's events for a short grace: a database that comes
+        back quickly gives the lock back and nothing changed. Past the grace it
+        gives the connection up, for whoever holds the lock now.
+        """
+        while True:
+            await self.leadership.hold()
+            self.sending = False
+            metrics.ACTIVE.set(0)
+            logger.error("leadership lost: not sending; the lock is retried for %.0f s",
+                         LEADERSHIP_GRACE_SECONDS)
+            deadline = time.monotonic() + LEADERSHIP_GRACE_SECONDS
+            while True:
+                await asyncio.sleep(1.0)
+                if await self.leadership.try_acquire():
+                    logger.warning("leadership regained: sending again")
+                    self.sending = True
+                    metrics.ACTIVE.set(1)
+                    self.wake()
+                    break
+                if time.monotonic() > deadline:
+                    return
 
     async def _report_process(self) -> None:
         """This process's row (active or standby), refreshed for the banner."""
@@ -619,7 +666,7 @@ class PinecallBridge:
                 self.database_down = False
                 metrics.DATABASE_AVAILABLE.set(1)
                 logger.warning("the database is back; storing what was kept meanwhile")
-                live.database_state_changed(available=True)
+                notify.database_state_changed(available=True)
             return result
 
     def _database_unavailable(self, error: BaseException) -> None:
@@ -630,16 +677,18 @@ class PinecallBridge:
                 "the database is unavailable (%s); events are kept in the spool until it is back",
                 str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
             )
-            live.database_state_changed(available=False)
+            notify.database_state_changed(available=False)
 
     async def _heartbeat(self) -> None:
         """The banner's "Pinecall connected" is this fresh row, never a flag a dead worker left."""
         while True:
             try:
-                await _db(services.agent_connection_set)(
-                    agent_id=self.agent_id, connected=self.client.connected and self._registered.is_set()
-                )
-                self._last_heartbeat = time.monotonic()
+                if self.sending:  # the active worker speaks for the connection
+                    await _db(services.agent_connection_set)(
+                        agent_id=self.agent_id,
+                        connected=self.client.connected and self._registered.is_set(),
+                    )
+                    self._last_heartbeat = time.monotonic()
             except DatabaseError as error:
                 if not is_database_outage(error):
                     raise
@@ -705,8 +754,6 @@ class PinecallBridge:
 
     async def _send_broadcasts(self) -> None:
         """Operators' fragments, sent in the order they were made, without blocking storing."""
-        from channels.layers import get_channel_layer
-
         layer = get_channel_layer()
         while True:
             group, message = await self._broadcasts.get()
@@ -723,12 +770,13 @@ class PinecallBridge:
     async def stop(self) -> None:
         # What was received is stored and told before the tasks stop (a few seconds at
         # most); what is not stays in the spool for the next run.
-        await self.client.close()
+        if self.client is not None:
+            await self.client.close()
         for _ in range(50):
             if self._all_stored() and self._broadcasts.empty():
                 break
             await asyncio.sleep(0.1)
-        live.send_through(None)
+        notify.send_through(None)
         self._stopping.set()
         self._wake.set()
         for task in list(self._tasks):
@@ -917,6 +965,8 @@ class PinecallBridge:
 
     async def _reassert_pauses(self) -> None:
         """Make Pinecall's pauses match what operators hold, after a reconnect or resume-all."""
+        if not self.sending:
+            return  # not the active worker (or not sure): the active one does it
         sessions, contacts, agent_paused = await self._with_database(
             _pauses_to_reassert, self.agent_id
         )
@@ -982,6 +1032,10 @@ class PinecallWorkerConsumer(AsyncConsumer):
     async def outbox_wake(self, message) -> None:
         if PinecallWorkerConsumer.bridge is not None:
             PinecallWorkerConsumer.bridge.wake()
+
+
+# The worker's ASGI application: only its channel (web processes never load it).
+worker_application = ChannelNameRouter({WORKER_CHANNEL: PinecallWorkerConsumer.as_asgi()})
 
 
 class WorkerFailed:

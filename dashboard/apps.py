@@ -6,6 +6,8 @@ class DashboardConfig(AppConfig):
     verbose_name = "Operator dashboard"
 
     def ready(self) -> None:
-        from dashboard import signals
+        # Imported here, as Django requires: these modules use models.
+        from dashboard import rendering, signals
 
         signals.connect()
+        rendering.register()

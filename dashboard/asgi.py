@@ -1,4 +1,8 @@
-"""ASGI entry point: HTTP and operators' WebSockets (Daphne), and the worker's channel."""
+"""ASGI entry point: HTTP and operators' WebSockets (Daphne).
+
+The worker's channel has its own application (`conversations.worker.worker_application`,
+used by `runworker pinecall` and `serve`): a web process never loads the Pinecall client.
+"""
 
 import os
 
@@ -9,10 +13,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from conversations.live import WORKER_CHANNEL  # noqa: E402
-from conversations.worker import PinecallWorkerConsumer  # noqa: E402
 from dashboard.origins import SameOriginValidator  # noqa: E402
 from dashboard.routing import websocket_urlpatterns  # noqa: E402
 
@@ -24,6 +26,5 @@ application = ProtocolTypeRouter(
         "websocket": SameOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
-        "channel": ChannelNameRouter({WORKER_CHANNEL: PinecallWorkerConsumer.as_asgi()}),
     }
 )

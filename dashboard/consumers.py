@@ -7,12 +7,12 @@ One endpoint, `/ws/live/`, with query parameters:
 - `since=<epoch seconds>`: the server time the page's state dates from.
 
 On connect, after joining the groups, the first thing sent is what the page
-missed (`live.catch_up`: newer messages, moved ticks, changed inbox rows, this
+missed (`rendering.catch_up`: newer messages, moved ticks, changed inbox rows, this
 user's header, composer and agent banner), ending with a new cursor (the
 `since` for the next reconnect); then every fragment the groups receive is
 forwarded as it is. htmx's ws extension swaps them in.
 
-Every socket also joins its user's group (`live.user_group`): logging out,
+Every socket also joins its user's group (`notify.user_group`): logging out,
 being deactivated or losing a role closes it with 4401 (`live.revoked`), and
 the page says "Signed out · reload".
 """
@@ -22,7 +22,8 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from conversations import live, metrics
+from conversations import metrics, notify
+from dashboard import rendering
 
 
 def _param(params: dict, name: str, kind):
@@ -46,9 +47,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if conversation_id is not None and conversation_id <= 0:
             conversation_id = None
         self.session_key = getattr(self.scope.get("session"), "session_key", None) or ""
-        self.groups_joined = [live.OPERATORS_GROUP, live.user_group(user.pk)]
+        self.groups_joined = [notify.OPERATORS_GROUP, notify.user_group(user.pk)]
         if conversation_id:
-            self.groups_joined.append(live.conversation_group(conversation_id))
+            self.groups_joined.append(notify.conversation_group(conversation_id))
         for group in self.groups_joined:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
@@ -56,7 +57,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
         metrics.LIVE_SOCKETS.inc()
         # Joined first, then read: nothing falls between the two (duplicates are
         # possible, and the page ignores a message it already shows).
-        missed = await database_sync_to_async(live.catch_up)(
+        missed = await database_sync_to_async(rendering.catch_up)(
             user=user,
             conversation_id=conversation_id,
             after=_param(params, "after", int),

@@ -17,7 +17,7 @@ from django.contrib.auth.models import Group
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
 
-from conversations import live, services
+from conversations import notify, services
 
 User = get_user_model()
 
@@ -29,7 +29,7 @@ def _revoke_on_commit(user_pks: Iterable[int], *, session_key: str | None = None
 
     def revoke() -> None:
         for pk in pks:
-            live.user_sessions_revoked(pk, session_key=session_key)
+            notify.user_sessions_revoked(pk, session_key=session_key)
 
     transaction.on_commit(revoke, robust=True)
 

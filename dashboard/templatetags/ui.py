@@ -16,6 +16,8 @@ from django.utils import timezone
 from django.utils.html import conditional_escape
 from django.utils.safestring import mark_safe
 
+from conversations import permissions
+
 register = template.Library()
 
 WINDOW_SECONDS = 24 * 3600
@@ -99,11 +101,7 @@ def msg_time(value: datetime | None) -> str:
     return f"{local.strftime('%b')} {local.day}, {local.strftime('%H:%M')}"
 
 
-@register.filter
-def display_name(user) -> str:
-    from conversations.services import display_name as name
-
-    return name(user)
+register.filter("display_name", permissions.display_name)
 
 
 @register.filter

@@ -500,7 +500,6 @@
   function armToast(el) {
     if (el.dataset.armed) return;
     el.dataset.armed = "1";
-    if (el.dataset.forUser && el.dataset.forUser !== me) { el.remove(); return; }
     var close = document.createElement("button");
     close.type = "button";
     close.className = "toast-close";

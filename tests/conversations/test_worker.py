@@ -66,7 +66,7 @@ async def worker(start_worker):
 async def relay_wakeups(bridge: PinecallBridge) -> None:
     from channels.layers import get_channel_layer
 
-    from conversations.live import WORKER_CHANNEL
+    from conversations.notify import WORKER_CHANNEL
 
     layer = get_channel_layer()
     while True:

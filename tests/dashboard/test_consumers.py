@@ -17,7 +17,7 @@ from django.db import connections
 from django.test import Client
 
 from conversations import services
-from conversations.live import OPERATORS_GROUP, conversation_group
+from conversations.notify import OPERATORS_GROUP, conversation_group
 from dashboard.asgi import application
 from tests.factories import (
     ConversationFactory,

@@ -1,4 +1,5 @@
-"""The fragments conversations.live broadcasts and the catch-up it renders."""
+"""The fragments the domain's notifications broadcast (rendered by dashboard.rendering),
+and the catch-up a reconnecting page gets."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import channel_layers, get_channel_layer
 
-from conversations import live, services
+from conversations import notify, services
+from dashboard import rendering
 from conversations.models import AgentState, Command
 from tests.factories import ConversationFactory, MessageFactory, OperatorFactory
 
@@ -36,9 +38,9 @@ def received(layer, channel: str) -> str:
 class TestBroadcasts:
     def test_message_added_goes_to_the_conversation_and_the_inbox(self, layer):
         message = MessageFactory(text="Is it in stock?")
-        conv = listen(layer, live.conversation_group(message.conversation_id))
-        ops = listen(layer, live.OPERATORS_GROUP)
-        live.message_added(message)
+        conv = listen(layer, notify.conversation_group(message.conversation_id))
+        ops = listen(layer, notify.OPERATORS_GROUP)
+        notify.message_added(message)
         bubble = received(layer, conv)
         assert f'id="messages-{message.conversation_id}" hx-swap-oob="beforeend"' in bubble
         assert f'id="msg-{message.pk}"' in bubble and "Is it in stock?" in bubble
@@ -48,16 +50,16 @@ class TestBroadcasts:
 
     def test_message_changed_replaces_the_bubble(self, layer):
         message = MessageFactory(ai=True, status="delivered")
-        conv = listen(layer, live.conversation_group(message.conversation_id))
-        live.message_changed(message)
+        conv = listen(layer, notify.conversation_group(message.conversation_id))
+        notify.message_changed(message)
         html = received(layer, conv)
         assert f'id="msg-{message.pk}"' in html and 'hx-swap-oob="true"' in html
         assert "beforeend" not in html and "tick-delivered" in html
 
     def test_conversation_changed_asks_each_browser_for_its_own_state(self, layer):
         conversation = ConversationFactory()
-        conv = listen(layer, live.conversation_group(conversation.pk))
-        live.conversation_changed(conversation)
+        conv = listen(layer, notify.conversation_group(conversation.pk))
+        notify.conversation_changed(conversation)
         html = received(layer, conv)
         assert f'id="conv-sync-{conversation.pk}" hx-swap-oob="beforeend"' in html
         assert f'hx-get="/c/{conversation.pk}/state/"' in html and 'hx-trigger="load"' in html
@@ -65,8 +67,8 @@ class TestBroadcasts:
 
     def test_agent_state_broadcast_has_no_buttons(self, layer, settings):
         state = AgentState.objects.create(agent_id=settings.PINECALL_AGENT_ID, ai_paused=True)
-        ops = listen(layer, live.OPERATORS_GROUP)
-        live.agent_state_changed(state)
+        ops = listen(layer, notify.OPERATORS_GROUP)
+        notify.agent_state_changed(state)
         html = received(layer, ops)
         assert 'id="agent-state"' in html and 'hx-swap-oob="true"' in html
         assert "AI paused everywhere" in html
@@ -79,19 +81,18 @@ class TestBroadcasts:
         command = services.command_fail(
             command=command, code="PINECALL_ERROR", message="Agent offline"
         )
-        conv = listen(layer, live.conversation_group(conversation.pk))
-        live.command_changed(command)
-        html = received(layer, conv)
+        mine = listen(layer, notify.user_group(operator.pk))
+        notify.command_changed(command)
+        html = received(layer, mine)  # to that operator's sockets only
         assert "Take over failed" in html and "Agent offline" in html
-        assert f'data-for-user="{operator.pk}"' in html
 
     def test_the_kill_switch_confirmation_is_for_everyone(self, layer):
         operator = OperatorFactory()
         command = Command.objects.create(
             kind="pause", scope="agent", agent_id="support", status="confirmed", operator=operator
         )
-        ops = listen(layer, live.OPERATORS_GROUP)
-        live.command_changed(command)
+        ops = listen(layer, notify.OPERATORS_GROUP)
+        notify.command_changed(command)
         html = received(layer, ops)
         assert "The AI is paused everywhere" in html and 'data-for-user' not in html
 
@@ -100,7 +101,7 @@ class TestCatchUp:
     def test_messages_newer_than_after(self):
         conversation = ConversationFactory()
         messages = [MessageFactory(conversation=conversation) for _ in range(4)]
-        out = live.catch_up(
+        out = rendering.catch_up(
             conversation_id=conversation.pk, after=messages[1].pk, since=time.time()
         )
         joined = "".join(out)
@@ -113,7 +114,7 @@ class TestCatchUp:
         conversation = ConversationFactory()
         for _ in range(6):
             MessageFactory(conversation=conversation)
-        out = live.catch_up(conversation_id=conversation.pk, after=0, since=time.time())
+        out = rendering.catch_up(conversation_id=conversation.pk, after=0, since=time.time())
         assert f'<div class="messages" id="messages-{conversation.pk}"' in out[0]
         assert 'hx-swap-oob="true"' in out[0] and "data-earlier" in out[0]
 
@@ -122,7 +123,7 @@ class TestCatchUp:
         since = time.time()
         for _ in range(5):
             ConversationFactory()
-        out = live.catch_up(since=since)
+        out = rendering.catch_up(since=since)
         assert any('id="inbox-sync"' in html and "data-refresh" in html for html in out)
         assert not any('id="row-' in html for html in out)
 
@@ -130,7 +131,7 @@ class TestCatchUp:
         conversation = ConversationFactory()
         time.sleep(0.01)
         since = time.time() + 3  # the page rendered after every change
-        out = live.catch_up(conversation_id=conversation.pk, after=0, since=since)
+        out = rendering.catch_up(conversation_id=conversation.pk, after=0, since=since)
         joined = "".join(out)
         assert "conv-sync" not in joined and "conv-header" not in joined
         assert f'id="row-{conversation.pk}"' not in joined
@@ -138,7 +139,7 @@ class TestCatchUp:
 
     def test_per_user_state_when_the_user_is_known(self, operator):
         conversation = ConversationFactory(held=True, held_by=operator)
-        out = "".join(live.catch_up(user=operator, conversation_id=conversation.pk, after=0))
+        out = "".join(rendering.catch_up(user=operator, conversation_id=conversation.pk, after=0))
         assert f'id="conv-header-{conversation.pk}" data-holder="me"' in out
         assert "You hold this conversation" in out
         assert f'id="composer-text-{conversation.pk}"' in out

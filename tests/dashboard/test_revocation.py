@@ -12,7 +12,7 @@ from django.contrib.auth.models import Group, Permission
 from django.db import connections
 from django.test import Client
 
-from conversations.live import OPERATORS_GROUP, user_group
+from conversations.notify import OPERATORS_GROUP, user_group
 from tests.dashboard.test_consumers import receive_until_cursor, socket
 from tests.factories import OperatorFactory, UserFactory
 

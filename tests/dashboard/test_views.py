@@ -287,11 +287,11 @@ class TestConversationPage:
         ):
             assert text not in body
             assert "&lt;" in body
-        from conversations import live
+        from dashboard import rendering
 
         message = Message.objects.get(conversation=c)
-        assert text not in live.render_message(message, new=True)
-        assert text not in live.render_inbox_row(refreshed(c))
+        assert text not in rendering.render_message(message, new=True)
+        assert text not in rendering.render_inbox_row(refreshed(c))
 
     def test_ended_conversation_says_so(self, operator_client):
         c = ConversationFactory(ended=True)

@@ -14,9 +14,13 @@ CREDENTIALS_FILE = Path(settings.BASE_DIR) / ".demo-credentials"
 class Command(BaseCommand):
     help = "Create the demo operator (a superuser) when there is no user yet, and print the login."
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+
+    def handle(self, *args, host: str, port: int, **options):
         User = get_user_model()
-        url = "http://127.0.0.1:8000/"
+        url = f"http://{host}:{port}/"
         if not User.objects.exists():
             password = secrets.token_urlsafe(9)
             user = User.objects.create_superuser(

@@ -35,15 +35,15 @@ class Command(BaseCommand):
         from twisted.internet import defer, reactor
 
         from channels.layers import get_channel_layer
-        from conversations.live import WORKER_CHANNEL
-        from conversations.worker import EagerWorker
+        from conversations.notify import WORKER_CHANNEL
+        from conversations.worker import EagerWorker, worker_application
         from dashboard.asgi import application
 
         loop = reactor._asyncioEventloop
         background: list[asyncio.Task] = []
         simulator = None
         worker = EagerWorker(
-            application=application, channels=[WORKER_CHANNEL], channel_layer=get_channel_layer()
+            application=worker_application, channels=[WORKER_CHANNEL], channel_layer=get_channel_layer()
         )
         worker.install_signal_handlers = False
 

@@ -1,0 +1,223 @@
+"""Telling operators' browsers, and waking the worker, over the channel layer: transport only.
+
+Services and the ingest name what changed (`notify.after_commit(notify.message_added,
+message)`); the web layer renders it. This module knows groups, timing and
+delivery, not HTML: `dashboard.rendering` registers, when the app is ready, a
+handler per change that renders the fragments and hands them back to
+`send_html`. So the domain never imports the web layer, and a process without
+it (a bare shell) notifies nobody instead of failing.
+
+Rules it keeps:
+- after the commit only (Zulip's `send_event_on_commit`): nobody hears of a
+  row that was rolled back, and a failure to notify never fails the write;
+- coalesced in the worker's batches: a burst moves an inbox row once;
+- at most once: a browser that reconnects catches up from the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+OPERATORS_GROUP = "operators"  # every logged-in operator's socket: inbox rows, agent state
+WORKER_CHANNEL = "pinecall"  # the worker's channel (`manage.py runworker pinecall`)
+
+
+def conversation_group(conversation_id: int) -> str:
+    return f"conversation-{conversation_id}"
+
+
+def user_group(user_pk: int) -> str:
+    """Every open socket of one person (each of their tabs and devices)."""
+    return f"user-{user_pk}"
+
+
+# ---------------------------------------------------------------- what changed
+
+# name -> the web layer's handler (see `register`).
+_handlers: dict[str, Callable] = {}
+
+
+def register(**handlers: Callable) -> None:
+    """The web layer's renderers, one per change below (`dashboard.rendering`)."""
+    _handlers.update(handlers)
+
+
+def _emit(name: str, *args, **kwargs) -> None:
+    handler = _handlers.get(name)
+    if handler is not None:
+        handler(*args, **kwargs)
+
+
+def message_added(message) -> None:
+    """A new line in a conversation (and its inbox row moving to the top)."""
+    _emit("message_added", message)
+
+
+def message_changed(message) -> None:
+    """A delivery tick moved, or a human send was confirmed or failed."""
+    _emit("message_changed", message)
+
+
+def conversation_changed(conversation) -> None:
+    """Who holds it, whether it is paused or ended: its header and its inbox row."""
+    _emit("conversation_changed", conversation)
+
+
+def inbox_row_changed(conversation) -> None:
+    """Only its inbox row: a conversation nobody can have open yet."""
+    inbox_row(conversation)
+
+
+def command_changed(command) -> None:
+    """An operator's action was confirmed or failed at Pinecall."""
+    _emit("command_changed", command)
+
+
+def agent_state_changed(state) -> None:
+    """The kill switch or the worker's link changed: every page shows it."""
+    _emit("agent_state_changed", state)
+
+
+def worker_heartbeat(state) -> None:
+    """The worker is alive: pages compare its time with their clock."""
+    _emit("worker_heartbeat", state)
+
+
+def database_state_changed(*, available: bool) -> None:
+    """The worker cannot reach the database (or can again); told without a query."""
+    _emit("database_state_changed", available=available)
+
+
+def user_notice(user_pk: int, kind: str, **context) -> None:
+    """Something for one person only (the conversation taken from them, a hand-back warning)."""
+    _emit("user_notice", user_pk, kind, **context)
+
+
+def inbox_row(conversation) -> None:
+    """A conversation's inbox row moved; inside `coalesced()`, once per batch, read fresh."""
+    rows = getattr(_local, "rows", None)
+    if rows is not None:
+        rows.add(conversation.pk)
+        return
+    _emit("inbox_rows", {conversation.pk})
+
+
+# ---------------------------------------------------------------- when
+
+
+def after_commit(notify: Callable, *args, **kwargs) -> None:
+    """Call `notify(*args)` once the current transaction commits (services use this).
+
+    Nobody hears of a row that was rolled back, and a failure to notify is
+    logged, never raised into the write that succeeded. Inside `coalesced()`
+    the call waits for the end of the block, and repeats of it are dropped.
+    """
+    transaction.on_commit(lambda: _notify(notify, args, kwargs), robust=True)
+
+
+_local = threading.local()
+
+
+def _key(args: tuple) -> tuple:
+    return tuple((type(a).__name__, getattr(a, "pk", id(a))) for a in args)
+
+
+def _notify(notify: Callable, args: tuple, kwargs: dict) -> None:
+    pending = getattr(_local, "pending", None)
+    if pending is None:
+        notify(*args, **kwargs)
+    else:
+        pending.setdefault((notify, _key(args)), (args, kwargs))
+
+
+@contextmanager
+def coalesced():
+    """Gather the notifications of many writes and send each distinct one once.
+
+    The worker stores events in batches: a burst of fifty messages in one
+    conversation then moves its inbox row once, not fifty times. Order of
+    first appearance is kept; objects are rendered as they are at the end.
+    """
+    pending: dict = {}
+    rows: set[int] = set()
+    _local.pending, _local.rows = pending, rows
+    try:
+        yield
+    finally:
+        # Notifying can queue more (a message queues its inbox row): drain until quiet.
+        while pending:
+            (notify, _), (args, kwargs) = next(iter(pending.items()))
+            del pending[(notify, _)]
+            try:
+                notify(*args, **kwargs)
+            except Exception:
+                logger.exception("could not notify operators (%s)", notify.__name__)
+        _local.pending = _local.rows = None
+        if rows:
+            try:
+                _emit("inbox_rows", rows)
+            except Exception:
+                logger.exception("could not send the inbox rows")
+
+
+# ---------------------------------------------------------------- how
+
+_sender = None
+
+
+def send_through(sender) -> None:
+    """Route group sends through `sender(group, message)` instead of waiting on each.
+
+    The worker installs one that hands them, in order, to its event loop, so
+    storing an event never waits for Redis.
+    """
+    global _sender
+    _sender = sender
+
+
+def send_html(group: str, html: str) -> None:
+    """One rendered fragment to every socket of `group` (at most once)."""
+    if html.strip():
+        send(group, {"type": "live.html", "html": html})
+
+
+def send(group: str, message: dict) -> None:
+    if _sender is not None:
+        _sender(group, message)
+        return
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(group, message)
+    except Exception:  # Redis down: the database is the record, browsers catch up
+        logger.warning("could not notify group %s", group, exc_info=True)
+
+
+def user_sessions_revoked(user_pk: int, *, session_key: str | None = None) -> None:
+    """Close this person's sockets: they logged out, were deactivated or lost a role.
+
+    With `session_key`, only the sockets of that login session (a logout on one
+    device leaves the others open). Pages show "Signed out · reload".
+    """
+    send(user_group(user_pk), {"type": "live.revoked", "session_key": session_key or ""})
+
+
+def wake_worker() -> None:
+    """Tell the worker the outbox has something; it also polls, so a lost wake only delays."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.send)(WORKER_CHANNEL, {"type": "outbox.wake"})
+    except Exception:
+        logger.warning("could not wake the worker; it will find the command on its next poll")

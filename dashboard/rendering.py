@@ -1,0 +1,245 @@
+"""The live fragments: rendered once per change, sent through `conversations.notify`.
+
+`register()` (called when the app is ready) gives the domain's notifications
+their renderers. Fragments are htmx out-of-band HTML that the browser's
+WebSocket extension swaps in, rendered by the same partials as the pages, so a
+page and its live updates cannot disagree. Shared fragments carry nothing
+per-user (each page's own CSS picks its view from `data-held-by` and its role);
+what is for one person goes to that person's group only.
+
+`catch_up()` renders what a (re)connecting page missed, as the live stream
+would have sent it (see `dashboard.consumers`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth.context_processors import PermWrapper
+from django.template.loader import render_to_string
+from django.utils import timezone
+
+from conversations import notify, selectors
+from conversations.notify import OPERATORS_GROUP, conversation_group, user_group
+
+# A row saved just before a page's render may commit just after it: catch-up looks
+# back this much further than the page says it knows.
+CATCH_UP_MARGIN = timedelta(seconds=2)
+# Under this gap since the page's state, a (re)connect re-renders the conversation's
+# header only if its row changed meanwhile (a page that just loaded is up to date).
+QUIET_RECONNECT = timedelta(seconds=10)
+
+
+# ---------------------------------------------------------------- the handlers
+
+
+def message_added(message) -> None:
+    notify.send_html(conversation_group(message.conversation_id), render_message(message, new=True))
+    if message.direction != "note":
+        notify.inbox_row(message.conversation)
+
+
+def message_changed(message) -> None:
+    notify.send_html(conversation_group(message.conversation_id), render_message(message, new=False))
+
+
+def conversation_changed(conversation) -> None:
+    conversation = selectors.conversation_find(conversation.pk) or conversation
+    notify.send_html(conversation_group(conversation.pk), render_conversation(conversation))
+    notify.inbox_row(conversation)
+
+
+def inbox_rows(conversation_ids: set[int]) -> None:
+    """The inbox rows a batch moved, read fresh in one query and sent once each."""
+    for conversation in selectors.inbox_rows_by_id(conversation_ids):
+        notify.send_html(OPERATORS_GROUP, render_inbox_row(conversation))
+
+
+def command_changed(command) -> None:
+    """Its toast: a failure to whoever asked; the kill switch or a contact's pause, to all.
+
+    (The state it changed travels with conversation_changed or agent_state_changed.)
+    """
+    html = render_to_string("conversations/_command_live.html", {"command": command})
+    if command.status == "confirmed" and command.scope != "session":
+        notify.send_html(OPERATORS_GROUP, html)
+    elif command.operator_id:
+        notify.send_html(user_group(command.operator_id), html)
+
+
+def agent_state_changed(state) -> None:
+    notify.send_html(OPERATORS_GROUP, render_agent_state(state))
+
+
+def worker_heartbeat(state) -> None:
+    notify.send_html(
+        OPERATORS_GROUP,
+        render_to_string("conversations/_worker_heartbeat.html", {"agent_state": state, "oob": True}),
+    )
+
+
+def database_state_changed(*, available: bool) -> None:
+    # No query: the database is what is missing.
+    notify.send_html(
+        OPERATORS_GROUP,
+        render_to_string("conversations/_db_status.html", {"available": available, "oob": True}),
+    )
+
+
+def user_notice(user_pk: int, kind: str, **context) -> None:
+    notify.send_html(
+        user_group(user_pk),
+        render_to_string("conversations/_user_notice.html", {"kind": kind, **context}),
+    )
+
+
+def register() -> None:
+    notify.register(
+        message_added=message_added,
+        message_changed=message_changed,
+        conversation_changed=conversation_changed,
+        inbox_rows=inbox_rows,
+        command_changed=command_changed,
+        agent_state_changed=agent_state_changed,
+        worker_heartbeat=worker_heartbeat,
+        database_state_changed=database_state_changed,
+        user_notice=user_notice,
+    )
+
+
+# ---------------------------------------------------------------- rendering, shared with catch-up
+
+
+def render_message(message, *, new: bool) -> str:
+    return render_to_string("conversations/_message_live.html", {"message": message, "new": new})
+
+
+def render_conversation(conversation) -> str:
+    return render_to_string("conversations/_conversation_live.html", {"conversation": conversation})
+
+
+def render_inbox_row(conversation) -> str:
+    return render_to_string("conversations/_inbox_row_live.html", {"conversation": conversation})
+
+
+def render_agent_state(state) -> str:
+    return render_to_string(
+        "conversations/_agent_state.html", {"agent_state": state, "oob": True}
+    )
+
+
+def render_cursor(now: datetime) -> str:
+    """The page's catch-up position, read by app.js when the socket reconnects."""
+    return render_to_string("conversations/_live_cursor.html", {"since": now.timestamp()})
+
+
+def render_conversation_state_for(conversation, user) -> str:
+    """One user's header and composer (out of band), as the page's state view renders them."""
+    return render_to_string(
+        "conversations/_conversation_state.html",
+        {
+            "conversation": conversation,
+            "st": selectors.conversation_state(conversation=conversation, user=user),
+            "max_length": settings.MESSAGE_MAX_LENGTH,
+            "oob": True,
+            "user": user,
+        },
+    )
+
+
+def render_agent_state_for(state, user) -> str:
+    """One user's agent banner (their kill switch buttons), out of band."""
+    return render_to_string(
+        "conversations/_agent_state.html",
+        {
+            "agent_state": state,
+            "agent_pending": selectors.agent_open_command(state.agent_id) or False,
+            "workers": selectors.worker_processes(state.agent_id),
+            "oob": True,
+            "user": user,
+            "perms": PermWrapper(user),
+        },
+    )
+
+
+def catch_up(
+    *,
+    user=None,
+    conversation_id: int | None = None,
+    after: int | None = None,
+    since: float | None = None,
+) -> list[str]:
+    """Everything a page missed, as the fragments the live stream would have sent.
+
+    `after`: the newest message id the page shows (of `conversation_id`);
+    `since`: the server time (epoch seconds) the page's state dates from, as
+    rendered in the page or in the last catch-up's cursor. With `user`, the
+    per-user parts (header, composer, agent banner) are rendered for them at
+    once; without, as the broadcasts do (each browser then fetches its own).
+    Ends with a new cursor.
+    """
+    now = timezone.now()
+    since_at = None
+    if since is not None:
+        try:
+            since_at = datetime.fromtimestamp(since, tz=UTC) - CATCH_UP_MARGIN
+        except (OverflowError, OSError, ValueError):
+            since_at = None
+    out: list[str] = []
+
+    if conversation_id:
+        conversation = selectors.conversation_find(conversation_id)
+        if conversation is not None:
+            limit = settings.CONVERSATION_PAGE_SIZE
+            if after is not None:
+                newer = selectors.messages_after(
+                    conversation_id=conversation_id, after=after, limit=limit + 1
+                )
+                if len(newer) > limit:
+                    # Too much missed: the newest page replaces the list, as on a reload.
+                    messages, has_earlier = selectors.conversation_messages(
+                        conversation_id=conversation_id
+                    )
+                    out.append(
+                        render_to_string(
+                            "conversations/_messages.html",
+                            {
+                                "conversation": conversation,
+                                "messages": messages,
+                                "has_earlier": has_earlier,
+                                "oob": True,
+                            },
+                        )
+                    )
+                else:
+                    out.extend(render_message(m, new=True) for m in newer)
+                    if since_at is not None:
+                        changed = selectors.messages_changed_since(
+                            conversation_id=conversation_id, since=since_at, upto=after, limit=limit
+                        )
+                        out.extend(render_message(m, new=False) for m in changed)
+            # Who holds it, pending actions: after a real gap, or when the row changed.
+            if (
+                since_at is None
+                or now - since_at > QUIET_RECONNECT
+                or conversation.updated_at >= since_at
+            ):
+                if user is not None:
+                    out.append(render_conversation_state_for(conversation, user))
+                else:
+                    out.append(render_conversation(conversation))
+
+    if since_at is not None:
+        page = settings.INBOX_PAGE_SIZE
+        rows = selectors.conversations_changed_since(since_at, limit=page + 1)
+        if len(rows) > page:
+            out.append(render_to_string("conversations/_inbox_refresh.html", {}))
+        else:
+            out.extend(render_inbox_row(row) for row in rows)
+    state = selectors.agent_state_for_display(settings.PINECALL_AGENT_ID)
+    out.append(
+        render_agent_state_for(state, user) if user is not None else render_agent_state(state)
+    )
+    out.append(render_cursor(now))
+    return out
