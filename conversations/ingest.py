@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -22,10 +21,14 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from conversations import notify
+from conversations import handoff, notify
 from conversations.models import Command, Conversation, Message
 from conversations.sanitize import clean_field, clean_id, clean_text
 from conversations.services import (
+    NEEDS_HUMAN_FIELDS,
+    handoff_policy_get,
+    handoff_step_aside,
+    needs_human_start,
     conversation_end,
     conversation_touch,
     conversation_record_message,
@@ -36,12 +39,6 @@ from conversations.services import (
 
 logger = logging.getLogger(__name__)
 
-# Customers who ask for a person are flagged for operators even while the AI answers.
-ASKS_FOR_A_PERSON = re.compile(
-    r"\b(human|person|real (agent|someone)|someone real|operator|representative|"
-    r"speak to (an? )?(agent|someone)|talk to (an? )?(agent|someone))\b",
-    re.IGNORECASE,
-)
 MESSAGE_TYPES = {choice.value for choice in Message.Type}
 # Column sizes, from the models: what a frame's fields are fitted to.
 SESSION_ID_MAX = Conversation._meta.get_field("session_id").max_length
@@ -176,19 +173,31 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
         for m in fresh
     )
     changed: set[str] = set()
+    policy = handoff_policy_get(fresh[0].agent_id)
+    ask_phrases = handoff.phrases_from_text(policy.ask_phrases)
+    asked: dict[str, Conversation] = {}
     for m, message in zip(fresh, messages):
         conversation = conversations[m.session_id]
         changed.update(conversation_record_message(conversation, message))
         if m.contact_name and not conversation.contact_name:
             conversation.contact_name = m.contact_name
             changed.add("contact_name")
-        if conversation.held_by_id is None and (m.paused or ASKS_FOR_A_PERSON.search(m.text)):
+        if conversation.held_by_id is not None:
+            continue
+        words = handoff.first_match(m.text, ask_phrases)
+        if words:
+            if needs_human_start(conversation, reason=Conversation.NeedsHuman.ASKED, words=words, at=now):
+                changed.update(NEEDS_HUMAN_FIELDS)
+            asked[m.session_id] = conversation
+        elif m.paused or conversation.ai_paused:
             # Nobody answers a paused conversation that no human holds.
-            conversation.needs_human = True
-            changed.add("needs_human")
+            if needs_human_start(conversation, reason=Conversation.NeedsHuman.PAUSED_UNHELD, at=now):
+                changed.update(NEEDS_HUMAN_FIELDS)
     for conversation in conversations.values():
         conversation.updated_at = now
     Conversation.objects.bulk_update(conversations.values(), [*changed, "updated_at"])
+    for conversation in asked.values():
+        handoff_step_aside(conversation=conversation, policy=policy)
     for message in messages:
         notify.after_commit(notify.message_added, message)
     return messages
@@ -298,9 +307,13 @@ def ingest_response(
     elif _said_recently(conversation, author=author, text=text):
         return None  # a repeat, as far as anyone can tell
     if source == "human":
+        # Our own sends: an operator's, or the dashboard's holding message.
         pending_copy = (
             conversation.messages.filter(
-                author=Message.Author.HUMAN, echo_received=False, text=text
+                direction=Message.Direction.OUTBOUND,
+                author__in=[Message.Author.HUMAN, Message.Author.SYSTEM],
+                echo_received=False,
+                text=text,
             )
             .order_by("id")
             .first()
@@ -324,6 +337,12 @@ def ingest_response(
         status_changed_at=now,
     )
     conversation_touch(conversation, message)
+    if author == Message.Author.AI and conversation.held_by_id is None:
+        policy = handoff_policy_get(conversation.agent_id)
+        words = handoff.first_match(text, handoff.phrases_from_text(policy.ai_phrases))
+        if words and needs_human_start(conversation, reason=Conversation.NeedsHuman.AI_PASSED, words=words):
+            conversation.save(update_fields=[*NEEDS_HUMAN_FIELDS, "updated_at"])
+            notify.after_commit(notify.conversation_changed, conversation)
     notify.after_commit(notify.message_added, message)
     return message
 

@@ -16,8 +16,10 @@ from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
+from conversations import handoff
 from conversations.models import (
     AgentState,
+    HandoffPolicy,
     Command,
     ContactPause,
     Conversation,
@@ -103,13 +105,17 @@ def inbox_queryset(*, user: AbstractBaseUser, filter: str = "", q: str = "") -> 
     if key == "active":
         qs = qs.filter(state=Conversation.State.ACTIVE)
     elif key == "needs":
-        qs = qs.filter(state=Conversation.State.ACTIVE).filter(
-            Q(needs_human=True) | Q(ai_paused=True, held_by__isnull=True)
-        )
+        # The queue: whoever has waited longest comes first.
+        qs = qs.filter(state=Conversation.State.ACTIVE, needs_human_since__isnull=False)
+        return _searched(qs, q).order_by("needs_human_since", "id")
     elif key == "mine":
         qs = qs.filter(held_by=user)
     elif key == "ended":
         qs = qs.filter(state=Conversation.State.ENDED)
+    return _searched(qs, q).order_by("-last_message_at", "-id")
+
+
+def _searched(qs: QuerySet, q: str) -> QuerySet:
     q = (q or "").strip()
     if q:
         digits = "".join(ch for ch in q if ch.isdigit())
@@ -122,7 +128,35 @@ def inbox_queryset(*, user: AbstractBaseUser, filter: str = "", q: str = "") -> 
             )
         )
         qs = qs.filter(match)
-    return qs.order_by("-last_message_at", "-id")
+    return qs
+
+
+def inbox_counts(*, user: AbstractBaseUser) -> dict[str, int]:
+    """The filter tabs' counts (three indexed counts; "Ended" grows without bound: none)."""
+    active = Conversation.objects.filter(state=Conversation.State.ACTIVE)
+    return {
+        "active": active.count(),
+        "needs": active.filter(needs_human_since__isnull=False).count(),
+        "mine": mine_count(user.pk) if user and user.pk else 0,
+    }
+
+
+def mine_count(user_pk: int) -> int:
+    return Conversation.objects.filter(state=Conversation.State.ACTIVE, held_by_id=user_pk).count()
+
+
+def longest_waiting(agent_id: str) -> Conversation | None:
+    """The next customer for "Take the next one": waiting longest, nobody holding them."""
+    return (
+        Conversation.objects.filter(
+            agent_id=agent_id,
+            state=Conversation.State.ACTIVE,
+            needs_human_since__isnull=False,
+            held_by__isnull=True,
+        )
+        .order_by("needs_human_since", "id")
+        .first()
+    )
 
 
 def inbox_page(
@@ -214,6 +248,7 @@ class ConversationState:
     contact_pending: str  # "", "pause" or "resume"
     can_take_over: bool
     can_pause: bool
+    idle_deadline: float | None = None  # epoch s: when an idle holder's hold goes back to the AI
 
     @property
     def active(self) -> bool:
@@ -311,4 +346,66 @@ def conversation_state(*, conversation: Conversation, user: AbstractBaseUser) ->
         contact_pending=contact_pending,
         can_take_over=user.has_perm(TAKE_OVER_PERMISSION),
         can_pause=user.has_perm(PAUSE_WIDE_PERMISSION),
+        idle_deadline=_idle_deadline(conversation) if holder == "me" else None,
+    )
+
+
+def handoff_policy(agent_id: str) -> HandoffPolicy:
+    """The agent's handoff policy as stored, or its defaults from settings (nothing written)."""
+    return HandoffPolicy.objects.filter(agent_id=agent_id).first() or HandoffPolicy(
+        agent_id=agent_id,
+        pause_on_ask=settings.HANDOFF_PAUSE_ON_ASK,
+        holding_message=settings.HANDOFF_HOLDING_MESSAGE,
+        fallback_seconds=settings.HANDOFF_FALLBACK_SECONDS,
+        idle_seconds=settings.HANDOFF_IDLE_SECONDS,
+    )
+
+
+def _idle_deadline(conversation: Conversation) -> float | None:
+    if not conversation.is_active or conversation.holder_active_at is None:
+        return None
+    idle = handoff_policy(conversation.agent_id).idle_seconds
+    return (conversation.holder_active_at + timedelta(seconds=idle)).timestamp()
+
+
+@dataclass(frozen=True)
+class HandoffBrief:
+    """What an operator reads first when a customer needs (or just got) a person."""
+
+    reason: str
+    words: str
+    waiting_since: datetime | None
+    last_messages: list[Message]
+    mentions: handoff.Mentions
+    earlier_conversations: int
+
+
+BRIEF_SHOWN_FOR = timedelta(minutes=15)
+
+
+def handoff_brief(conversation: Conversation) -> HandoffBrief | None:
+    """Three small queries; None when nobody needs, or just took, this conversation."""
+    recent_take = (
+        conversation.held_since is not None
+        and timezone.now() - conversation.held_since < BRIEF_SHOWN_FOR
+    )
+    if not conversation.needs_human_reason or not (conversation.needs_human_since or recent_take):
+        return None
+    said = list(
+        Message.objects.filter(conversation=conversation, author=Message.Author.CUSTOMER)
+        .order_by("-id")[:5]
+    )
+    said.reverse()
+    earlier = Conversation.objects.filter(
+        agent_id=conversation.agent_id,
+        contact_phone=conversation.contact_phone,
+        started_at__lt=conversation.started_at,
+    ).count()
+    return HandoffBrief(
+        reason=conversation.get_needs_human_reason_display(),
+        words=conversation.needs_human_words,
+        waiting_since=conversation.needs_human_since,
+        last_messages=said[-3:],
+        mentions=handoff.mentions([m.text for m in said]),
+        earlier_conversations=earlier,
     )

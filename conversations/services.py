@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import wraps
 
 from django.conf import settings
@@ -21,14 +22,16 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from conversations import notify
+from conversations import handoff, notify
 from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
 from conversations.models import (
+    AlertPreferences,
     AgentState,
     AuditEntry,
     Command,
     ContactPause,
     Conversation,
+    HandoffPolicy,
     Message,
 )
 
@@ -198,9 +201,14 @@ def conversation_take_over(
     conversation.held_by = operator
     conversation.held_since = timezone.now()
     conversation.unread_count = 0
-    conversation.needs_human = False
+    conversation.holder_active_at = timezone.now()
+    conversation.idle_warned_at = None
+    waited = _needs_human_end(conversation)  # someone took it: nobody waits any more
     conversation.save(
-        update_fields=["holder", "held_by", "held_since", "unread_count", "needs_human", "updated_at"]
+        update_fields=[
+            "holder", "held_by", "held_since", "unread_count", "holder_active_at",
+            "idle_warned_at", *waited, "updated_at",
+        ]
     )
     command = _enqueue(
         audit_action=AuditEntry.Action.TAKE_OVER,
@@ -213,6 +221,10 @@ def conversation_take_over(
     )
     if holder is not None and holder.pk != operator.pk:
         _note(conversation, f"{display_name(operator)} took over from {display_name(holder)}")
+        notify.after_commit(
+            notify.user_notice, holder.pk, "taken_from_you",
+            conversation=conversation, by=display_name(operator),
+        )
     notify.after_commit(notify.conversation_changed, conversation)
     return command
 
@@ -289,6 +301,8 @@ def conversation_send(
         text=text,
     )
     conversation_touch(conversation, message)
+    # The holder is on it: the idle clock starts again.
+    Conversation.objects.filter(pk=conversation.pk).update(holder_active_at=now, idle_warned_at=None)
     notify.after_commit(notify.message_added, message)
     return message
 
@@ -705,3 +719,269 @@ def conversation_record_message(conversation: Conversation, message: Message) ->
             conversation.unread_count += 1
             fields.append("unread_count")
     return fields
+
+
+# ---------------------------------------------------------------- the handoff: a customer needs a person
+
+
+def handoff_policy_get(agent_id: str | None = None) -> HandoffPolicy:
+    """The agent's handoff policy, created from the HANDOFF_* settings on first use."""
+    agent_id = agent_id or settings.PINECALL_AGENT_ID
+    policy, _ = HandoffPolicy.objects.get_or_create(
+        agent_id=agent_id,
+        defaults={
+            "pause_on_ask": settings.HANDOFF_PAUSE_ON_ASK,
+            "holding_message": settings.HANDOFF_HOLDING_MESSAGE,
+            "fallback_seconds": settings.HANDOFF_FALLBACK_SECONDS,
+            "idle_seconds": settings.HANDOFF_IDLE_SECONDS,
+            "ask_phrases": handoff.DEFAULT_ASK_PHRASES,
+            "ai_phrases": handoff.AI_PASSES_PHRASES,
+        },
+    )
+    return policy
+
+
+@_audits_refusals(AuditEntry.Action.POLICY)
+def handoff_policy_update(*, operator: AbstractBaseUser, agent_id: str = "", **fields) -> HandoffPolicy:
+    """Supervisors change the policy at runtime; it applies at once, everywhere."""
+    _require(operator, PAUSE_WIDE_PERMISSION)
+    policy = handoff_policy_get(agent_id)
+    allowed = {"pause_on_ask", "holding_message", "fallback_seconds", "idle_seconds",
+               "ask_phrases", "ai_phrases"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValidationError(f"Unknown policy fields: {', '.join(sorted(unknown))}")
+    for name, value in fields.items():
+        setattr(policy, name, value)
+    policy.updated_by = operator
+    policy.full_clean()
+    policy.save()
+    AuditEntry.objects.create(
+        operator=operator,
+        action=AuditEntry.Action.POLICY,
+        agent_id=policy.agent_id,
+        outcome=AuditEntry.Outcome.CONFIRMED,
+        detail=", ".join(f"{k}={v!r}"[:80] for k, v in fields.items())[:500],
+        completed_at=timezone.now(),
+    )
+    return policy
+
+
+def needs_human_start(conversation: Conversation, *, reason: str, words: str = "", at=None) -> bool:
+    """The customer waits for a person from now (unless already waiting); in memory.
+
+    Returns True when it started now. The caller saves the fields
+    (`NEEDS_HUMAN_FIELDS`): the ingest writes many conversations at once.
+    """
+    if conversation.needs_human_since is not None or conversation.held_by_id is not None:
+        return False
+    conversation.needs_human_since = at or timezone.now()
+    conversation.needs_human_reason = reason
+    conversation.needs_human_words = (words or "")[:200]
+    conversation.needs_human = True
+    return True
+
+
+NEEDS_HUMAN_FIELDS = ["needs_human_since", "needs_human_reason", "needs_human_words", "needs_human"]
+
+
+def _needs_human_end(conversation: Conversation) -> list[str]:
+    """Nobody waits any more. Why they had waited stays, for the handoff brief."""
+    conversation.needs_human_since = None
+    conversation.needs_human = False
+    conversation.auto_paused = False
+    return ["needs_human_since", "needs_human", "auto_paused"]
+
+
+def handoff_step_aside(*, conversation: Conversation, policy: HandoffPolicy) -> Command | None:
+    """The customer asked for a person: pause the AI for them (and say so, if configured).
+
+    Audited as an automatic pause; nobody holds the conversation yet, so it
+    stays in the "Needs a human" queue until someone takes over or the
+    fallback gives it back to the AI.
+    """
+    if not policy.pause_on_ask or conversation.ai_paused or conversation.auto_paused:
+        return None
+    if conversation.held_by_id is not None or not conversation.is_active:
+        return None
+    command = _enqueue(
+        audit_action=AuditEntry.Action.AUTO_PAUSE,
+        operator=None,
+        conversation=conversation,
+        kind=Command.Kind.PAUSE,
+        scope=Command.Scope.SESSION,
+        agent_id=conversation.agent_id,
+        session_id=conversation.session_id,
+    )
+    conversation.auto_paused = True
+    conversation.save(update_fields=["auto_paused", "updated_at"])
+    _note(conversation, "The customer asked for a person: the AI steps aside")
+    if policy.holding_message.strip():
+        now = timezone.now()
+        holding = Message.objects.create(
+            conversation=conversation,
+            direction=Message.Direction.OUTBOUND,
+            author=Message.Author.SYSTEM,
+            text=policy.holding_message.strip(),
+            status=Message.Status.PENDING,
+            created_at=now,
+            status_changed_at=now,
+        )
+        _enqueue(
+            audit_action=AuditEntry.Action.AUTO_PAUSE,
+            operator=None,
+            conversation=conversation,
+            message=holding,
+            kind=Command.Kind.SEND,
+            scope=Command.Scope.SESSION,
+            agent_id=conversation.agent_id,
+            session_id=conversation.session_id,
+            contact_phone=conversation.contact_phone,
+            text=holding.text,
+        )
+        conversation_touch(conversation, holding)
+        notify.after_commit(notify.message_added, holding)
+    notify.after_commit(notify.conversation_changed, conversation)
+    return command
+
+
+@_audits_refusals(AuditEntry.Action.KEEP)
+def conversation_keep(*, conversation: Conversation, operator: AbstractBaseUser) -> Conversation:
+    """"Keep it": the holder is still on it; the idle clock starts again."""
+    _require(operator, TAKE_OVER_PERMISSION)
+    conversation = _locked(conversation)
+    if conversation.held_by_id != operator.pk:
+        raise ActionRefused("Only the person who holds this conversation can keep it.")
+    conversation.holder_active_at = timezone.now()
+    conversation.idle_warned_at = None
+    conversation.save(update_fields=["holder_active_at", "idle_warned_at", "updated_at"])
+    AuditEntry.objects.create(
+        operator=operator,
+        action=AuditEntry.Action.KEEP,
+        agent_id=conversation.agent_id,
+        conversation=conversation,
+        outcome=AuditEntry.Outcome.CONFIRMED,
+        completed_at=timezone.now(),
+    )
+    notify.after_commit(notify.conversation_changed, conversation)
+    return conversation
+
+
+IDLE_WARNING_SECONDS = 60
+
+
+@transaction.atomic
+def handoff_tick(*, agent_id: str, now=None) -> dict:
+    """The handoff's clocks, computed from stored times (a restart changes nothing).
+
+    - nobody took an auto-paused conversation within the fallback: back to the AI;
+    - a holder idle for the policy's time: handed back automatically, and told;
+    - a minute before that: the holder is warned.
+    Run every second or so by the active worker; returns what it did (counts).
+    """
+    now = now or timezone.now()
+    policy = handoff_policy_get(agent_id)
+    done = {"fallbacks": 0, "auto_hand_backs": 0, "warnings": 0}
+    active = Conversation.objects.select_for_update(skip_locked=True).filter(
+        agent_id=agent_id, state=Conversation.State.ACTIVE
+    )
+    fallback_before = now - timedelta(seconds=policy.fallback_seconds)
+    for conversation in active.filter(
+        auto_paused=True, held_by__isnull=True, needs_human_since__lte=fallback_before
+    ):
+        _enqueue(
+            audit_action=AuditEntry.Action.FALLBACK,
+            operator=None,
+            conversation=conversation,
+            kind=Command.Kind.RESUME,
+            scope=Command.Scope.SESSION,
+            agent_id=conversation.agent_id,
+            session_id=conversation.session_id,
+        )
+        fields = _needs_human_end(conversation)
+        conversation.save(update_fields=[*fields, "updated_at"])
+        minutes = max(1, round(policy.fallback_seconds / 60))
+        _note(conversation, f"Nobody took over within {minutes} min: the AI answers again")
+        notify.after_commit(notify.conversation_changed, conversation)
+        done["fallbacks"] += 1
+
+    idle_before = now - timedelta(seconds=policy.idle_seconds)
+    held = active.filter(held_by__isnull=False).exclude(
+        commands__kind=Command.Kind.RESUME,
+        commands__status__in=[Command.Status.PENDING, Command.Status.SENT],
+    )
+    for conversation in held.filter(holder_active_at__lte=idle_before):
+        holder = conversation.held_by
+        _enqueue(
+            audit_action=AuditEntry.Action.AUTO_HAND_BACK,
+            operator=None,
+            conversation=conversation,
+            kind=Command.Kind.RESUME,
+            scope=Command.Scope.SESSION,
+            agent_id=conversation.agent_id,
+            session_id=conversation.session_id,
+        )
+        minutes = max(1, round(policy.idle_seconds / 60))
+        _note(conversation, f"{display_name(holder)} sent nothing for {minutes} min: back to the AI")
+        notify.after_commit(
+            notify.user_notice, holder.pk, "auto_hand_back", conversation=conversation, minutes=minutes
+        )
+        notify.after_commit(notify.conversation_changed, conversation)
+        done["auto_hand_backs"] += 1
+
+    warn_before = now - timedelta(seconds=max(0, policy.idle_seconds - IDLE_WARNING_SECONDS))
+    for conversation in held.filter(
+        holder_active_at__lte=warn_before, holder_active_at__gt=idle_before, idle_warned_at__isnull=True
+    ):
+        conversation.idle_warned_at = now
+        conversation.save(update_fields=["idle_warned_at"])
+        left = int((conversation.holder_active_at + timedelta(seconds=policy.idle_seconds) - now).total_seconds())
+        notify.after_commit(
+            notify.user_notice, conversation.held_by_id, "idle_warning",
+            conversation=conversation, seconds_left=max(0, left),
+        )
+        done["warnings"] += 1
+    return done
+
+
+def conversation_take_next(*, operator: AbstractBaseUser, agent_id: str = "") -> Conversation | None:
+    """"Take the next one": the customer who has waited longest, taken over in one click.
+
+    Two operators clicking at once get two different customers: the row is
+    claimed under a lock that the other skips.
+    """
+    _require(operator, TAKE_OVER_PERMISSION)
+    agent_id = agent_id or settings.PINECALL_AGENT_ID
+    with transaction.atomic():
+        conversation = (
+            Conversation.objects.select_for_update(skip_locked=True)
+            .filter(
+                agent_id=agent_id,
+                state=Conversation.State.ACTIVE,
+                needs_human_since__isnull=False,
+                held_by__isnull=True,
+            )
+            .order_by("needs_human_since", "id")
+            .first()
+        )
+        if conversation is None:
+            return None
+        conversation_take_over(conversation=conversation, operator=operator)
+    return conversation
+
+
+def alert_preferences_get(user: AbstractBaseUser) -> AlertPreferences:
+    """One person's alert switches; viewers start with none (they ask for them)."""
+    preferences = AlertPreferences.objects.filter(user=user).first()
+    if preferences is None:
+        operates = user.has_perm(TAKE_OVER_PERMISSION)
+        preferences = AlertPreferences(user=user, sound=operates, title=operates, desktop=False)
+    return preferences
+
+
+@transaction.atomic
+def alert_preferences_set(*, user: AbstractBaseUser, sound: bool, title: bool, desktop: bool) -> AlertPreferences:
+    preferences, _ = AlertPreferences.objects.update_or_create(
+        user=user, defaults={"sound": sound, "title": title, "desktop": desktop}
+    )
+    return preferences

@@ -74,6 +74,7 @@ OUTBOX_POLL_SECONDS = 2.0
 OUTBOX_BATCH = 200
 INGEST_BATCH = 500
 HEARTBEAT_SECONDS = 5.0
+HANDOFF_TICK_SECONDS = 1.0
 # After losing the lock, how long the worker keeps its Pinecall connection
 # (not sending) hoping to get the lock back before leaving it to another.
 LEADERSHIP_GRACE_SECONDS = 10.0
@@ -489,6 +490,7 @@ class PinecallBridge:
             self.spool = Spool(Path(settings.WORKER_SPOOL_DIR), self.agent_id)
             self._spawn(self._store_from_spool(), vital=True)
             self._spawn(self._heartbeat(), vital=True)
+            self._spawn(self._handoff_clock(), vital=True)
         self._new_client()
         self._reconciled = False
         # Only the active worker ever judges what a dead one left in flight.
@@ -694,6 +696,23 @@ class PinecallBridge:
                     raise
                 self._database_unavailable(error)
             await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _handoff_clock(self) -> None:
+        """The handoff's timers (fallback to the AI, idle hand-back, warnings), from stored times."""
+        while True:
+            await asyncio.sleep(HANDOFF_TICK_SECONDS)
+            if not self.sending:
+                continue
+            try:
+                done = await _db(services.handoff_tick)(agent_id=self.agent_id)
+            except DatabaseError as error:
+                if not is_database_outage(error):
+                    raise
+                self._database_unavailable(error)
+                continue
+            if any(done.values()):
+                logger.info("handoff: %s", done)
+                self.wake()
 
     # ---- the spool, stored in order
 

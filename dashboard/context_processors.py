@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.utils.functional import SimpleLazyObject
 
+from conversations import services
 from conversations.selectors import agent_open_command, agent_state_for_display, worker_processes
 
 
@@ -16,4 +17,5 @@ def agent_state(request):
         "agent_state": SimpleLazyObject(lambda: agent_state_for_display(agent_id)),
         "agent_pending": SimpleLazyObject(lambda: agent_open_command(agent_id) or False),
         "workers": SimpleLazyObject(lambda: worker_processes(agent_id)),
+        "alerts": SimpleLazyObject(lambda: services.alert_preferences_get(request.user)),
     }

@@ -48,12 +48,25 @@ def conversation_changed(conversation) -> None:
     conversation = selectors.conversation_find(conversation.pk) or conversation
     notify.send_html(conversation_group(conversation.pk), render_conversation(conversation))
     notify.inbox_row(conversation)
+    if conversation.held_by_id:
+        # "Mine" is per person: its count goes to the holder only.
+        counts = {"mine": selectors.mine_count(conversation.held_by_id)}
+        notify.send_html(user_group(conversation.held_by_id), render_tab_counts(counts))
 
 
 def inbox_rows(conversation_ids: set[int]) -> None:
-    """The inbox rows a batch moved, read fresh in one query and sent once each."""
+    """The inbox rows a batch moved, read fresh in one query and sent once each; then the counts."""
     for conversation in selectors.inbox_rows_by_id(conversation_ids):
         notify.send_html(OPERATORS_GROUP, render_inbox_row(conversation))
+    counts = selectors.inbox_counts(user=None)
+    del counts["mine"]
+    notify.send_html(OPERATORS_GROUP, render_tab_counts(counts))
+
+
+def render_tab_counts(counts: dict[str, int]) -> str:
+    return render_to_string(
+        "conversations/_tab_counts_live.html", {"counts": counts, "keys": list(counts)}
+    )
 
 
 def command_changed(command) -> None:

@@ -244,6 +244,13 @@ PINECALL_COMMAND_TIMEOUT = env.float("PINECALL_COMMAND_TIMEOUT", default=10.0)
 WORKER_SPOOL_DIR = Path(env.str("WORKER_SPOOL_DIR", default=str(BASE_DIR / "var" / "spool")))
 # The banner says "Pinecall connected" only while the worker's heartbeat is this fresh.
 WORKER_HEARTBEAT_STALE_SECONDS = env.float("WORKER_HEARTBEAT_STALE_SECONDS", default=20.0)
+# The handoff policy's defaults (supervisors change them at runtime, in the app or admin).
+HANDOFF_PAUSE_ON_ASK = env.bool("HANDOFF_PAUSE_ON_ASK", default=True)
+HANDOFF_HOLDING_MESSAGE = env.str(
+    "HANDOFF_HOLDING_MESSAGE", default="Thanks! A person from our team will be with you shortly."
+)
+HANDOFF_FALLBACK_SECONDS = env.int("HANDOFF_FALLBACK_SECONDS", default=600)
+HANDOFF_IDLE_SECONDS = env.int("HANDOFF_IDLE_SECONDS", default=900)
 # The worker's own /healthz, /readyz and /metrics (0: not served).
 WORKER_HTTP_PORT = env.int("WORKER_HTTP_PORT", default=0)
 # Bearer token for /metrics; unset: /metrics answers 404.

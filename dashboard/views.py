@@ -67,6 +67,7 @@ def _inbox_context(request: HttpRequest, *, path: str) -> dict:
     more_query = urlencode({k: v for k, v in (("f", f), ("q", q), ("page", page + 1)) if v})
     return {
         "filters": selectors.INBOX_FILTERS,
+        "counts": selectors.inbox_counts(user=request.user),
         "f": f,
         "q": q,
         "page": page,
@@ -143,6 +144,7 @@ def conversation_detail(request: HttpRequest, pk: int) -> HttpResponse:
         has_earlier=has_earlier,
         live_since=since,
         live_url=_live_url(since=since, conversation_id=pk, after=after),
+        brief=selectors.handoff_brief(conversation),
     )
     return render(request, "conversations/conversation.html", ctx)
 
@@ -267,6 +269,53 @@ def hand_back(request: HttpRequest, pk: int) -> HttpResponse:
         lambda c: services.conversation_hand_back(
             conversation=c, operator=request.user, force=_force(request)
         ),
+    )
+
+
+@login_required
+@require_POST
+def take_next(request: HttpRequest) -> HttpResponse:
+    """Take over the customer who has waited longest, and open them."""
+    try:
+        conversation = services.conversation_take_next(operator=request.user)
+    except REFUSALS as exc:
+        status, message = _refusal(exc)
+        return HttpResponse(_toast(message, "error"), status=status)
+    if conversation is None:
+        return HttpResponse(_toast("Nobody is waiting for a person right now.", "info"))
+    url = resolve_url("conversation", pk=conversation.pk)
+    if not request.htmx:
+        return redirect(url)
+    response = HttpResponse(status=204)
+    response["HX-Redirect"] = url
+    return response
+
+
+@login_required
+@require_POST
+def alert_preferences(request: HttpRequest) -> HttpResponse:
+    """This person's alert switches (sound, tab title, desktop), kept on the server."""
+    preferences = services.alert_preferences_set(
+        user=request.user,
+        sound=request.POST.get("sound") == "on",
+        title=request.POST.get("title") == "on",
+        desktop=request.POST.get("desktop") == "on",
+    )
+    html = render_to_string(
+        "conversations/_alert_preferences.html", {"alerts": preferences, "oob": True}, request=request
+    )
+    return HttpResponse(html + _toast("Alert settings saved.", "ok"))
+
+
+@login_required
+@require_POST
+def keep(request: HttpRequest, pk: int) -> HttpResponse:
+    """"Keep it": the holder's idle clock starts again."""
+    return _conversation_action(
+        request,
+        pk,
+        lambda c: services.conversation_keep(conversation=c, operator=request.user),
+        done="Kept: the idle clock starts again.",
     )
 
 

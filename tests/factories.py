@@ -94,6 +94,10 @@ class ConversationFactory(factory.django.DjangoModelFactory):
     last_customer_message_at = factory.LazyFunction(timezone.now)
     last_message_preview = "Hello, I have a question about my order"
     last_message_author = Message.Author.CUSTOMER
+    # `needs_human=True` means waiting for a person since now, as the ingest marks it.
+    needs_human = False
+    needs_human_since = factory.LazyAttribute(lambda o: timezone.now() if o.needs_human else None)
+    needs_human_reason = factory.LazyAttribute(lambda o: "asked" if o.needs_human else "")
 
     class Params:
         ended = factory.Trait(

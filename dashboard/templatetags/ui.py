@@ -158,3 +158,12 @@ def isolate(text, name):
     if not name or name not in text:
         return text
     return mark_safe(text.replace(name, f"<bdi>{name}</bdi>", 1))
+
+
+@register.filter
+def get_item(mapping, key):
+    """`counts|get_item:key`: a dict's value in a template (None when absent)."""
+    try:
+        return mapping.get(key)
+    except AttributeError:
+        return None

@@ -150,7 +150,15 @@
 
   // ------------------------------------------------------------ the inbox
 
-  function rowKey(row) { return [parseFloat(row.dataset.sort) || 0, parseInt(row.dataset.conv, 10) || 0]; }
+  /* Sorted as the server sorts: the queue ("Needs a human") longest wait first,
+   * every other list newest activity first. */
+  function rowKey(row) {
+    var list = $("#inbox-list");
+    if (list && list.dataset.filter === "needs") {
+      return [-(parseFloat(row.dataset.waitingSince) || 0), -(parseInt(row.dataset.conv, 10) || 0)];
+    }
+    return [parseFloat(row.dataset.sort) || 0, parseInt(row.dataset.conv, 10) || 0];
+  }
   function newer(a, b) { return a[0] !== b[0] ? a[0] > b[0] : a[1] > b[1]; }
 
   function digits(s) { return (s || "").replace(/\D/g, ""); }
@@ -520,11 +528,114 @@
       .observe(toastBox, { childList: true });
   }
 
+  // ------------------------------------------------------------ the handoff: alerts and clocks
+
+  var baseTitle = document.title;
+  var lastWaiting = null;
+
+  function alertsWanted(kind) {
+    var prefs = $("#alert-preferences");
+    return !!(prefs && prefs.dataset[kind]);
+  }
+
+  /* A short two-tone chime, made here (no sound file). Browsers allow it after
+   * the person has interacted with the page once. */
+  var audio = null;
+  function chime() {
+    try {
+      audio = audio || new (window.AudioContext || window.webkitAudioContext)();
+      [660, 880].forEach(function (hz, i) {
+        var osc = audio.createOscillator(), gain = audio.createGain();
+        osc.frequency.value = hz;
+        gain.gain.setValueAtTime(0.0001, audio.currentTime + i * 0.16);
+        gain.gain.exponentialRampToValueAtTime(0.2, audio.currentTime + i * 0.16 + 0.02);
+        gain.gain.exponentialRampToValueAtTime(0.0001, audio.currentTime + i * 0.16 + 0.15);
+        osc.connect(gain).connect(audio.destination);
+        osc.start(audio.currentTime + i * 0.16);
+        osc.stop(audio.currentTime + i * 0.16 + 0.16);
+      });
+    } catch (err) { /* no audio here: the title and the badge still say it */ }
+  }
+
+  /* The favicon carries the waiting count, drawn on a canvas. */
+  var plainIcon = null;
+  function badgeIcon(count) {
+    var link = document.querySelector("link[rel=icon]");
+    if (!link) return;
+    if (plainIcon === null) plainIcon = link.href;
+    if (!count) { link.href = plainIcon; return; }
+    var canvas = document.createElement("canvas");
+    canvas.width = canvas.height = 32;
+    var ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#4f46e5"; ctx.fillRect(0, 0, 32, 32);
+    ctx.fillStyle = "#d92d20"; ctx.beginPath(); ctx.arc(22, 10, 10, 0, 2 * Math.PI); ctx.fill();
+    ctx.fillStyle = "#fff"; ctx.font = "bold 14px sans-serif"; ctx.textAlign = "center"; ctx.textBaseline = "middle";
+    ctx.fillText(count > 9 ? "9+" : String(count), 22, 11);
+    link.href = canvas.toDataURL("image/png");
+  }
+
+  function desktopNotice(count) {
+    if (!alertsWanted("desktop") || !window.Notification || Notification.permission !== "granted") return;
+    var next = $("#inbox-list .row[data-needs='1']:not(.is-held)") || $(".row[data-needs='1']");
+    var n = new Notification(count === 1 ? "A customer needs a person" : count + " customers need a person", {
+      body: next ? (($(".row-name", next) || {}).textContent || "") : "",
+      tag: "pinecall-needs-human",
+    });
+    n.onclick = function () { window.focus(); if (next) location.href = next.getAttribute("href"); n.close(); };
+  }
+
+  function waitingChanged() {
+    var el = document.getElementById("tab-count-needs");
+    if (!el) return;
+    var count = parseInt(el.dataset.count, 10) || 0;
+    var wantTitle = alertsWanted("title");
+    document.title = wantTitle && count ? "(" + count + ") Needs a human · " + baseTitle : baseTitle;
+    badgeIcon(wantTitle ? count : 0);
+    if (lastWaiting !== null && count > lastWaiting) {
+      if (alertsWanted("sound")) chime();
+      desktopNotice(count);
+    }
+    lastWaiting = count;
+    var next = $("[data-action=take-next]");
+    if (next) next.disabled = !count;
+  }
+
+  // Desktop notifications need the person's yes, asked on their click.
+  document.addEventListener("change", function (e) {
+    if (e.target.matches && e.target.matches("[data-ask-notification]") && e.target.checked &&
+        window.Notification && Notification.permission === "default") {
+      Notification.requestPermission();
+    }
+  });
+
+  /* The holder's countdown: shown in the last five minutes before the AI takes it back. */
+  var COUNTDOWN_FROM = 300;
+  function tickCountdown() {
+    $$("[data-idle-deadline]").forEach(function (el) {
+      var left = Math.floor(parseFloat(el.dataset.idleDeadline) - serverNow());
+      var show = left <= COUNTDOWN_FROM;
+      el.hidden = !show;
+      if (!show) return;
+      var out = $("[data-countdown]", el);
+      if (out) out.textContent = left <= 0 ? "a moment" : Math.floor(left / 60) + ":" + ("0" + (left % 60)).slice(-2);
+    });
+  }
+  setInterval(tickCountdown, 1000);
+
+  document.addEventListener("keydown", function (e) {
+    if (e.key === "n" && !isTyping(e.target) && !e.ctrlKey && !e.metaKey && !e.altKey) {
+      var next = $("[data-action=take-next]");
+      if (next && !next.disabled) { e.preventDefault(); next.click(); }
+    }
+  });
+
   // ------------------------------------------------------------ on every new piece of page
 
   if (window.htmx) {
     htmx.onLoad(function (root) {
       personalize(root);
+      waitingChanged();
+      tickCountdown();
       $$("[data-composer] textarea", root).forEach(function (box) {
         restoreDraft(box);
         composerChanged(box);

@@ -183,11 +183,14 @@ def test_a_burst_is_stored_set_wise_with_repeats_dropped_and_counts_exact():
     assert len(stored) == 9
     assert ingest.ingest_customer_messages(burst) == []  # and repeats of stored ones
     counts = dict(Conversation.objects.values_list("session_id", "message_count"))
-    assert counts == {f"wa-{k:012x}": 3 for k in range(3)}
+    # The one who asked for a person also got the holding message.
+    assert counts == {f"wa-{0:012x}": 3, f"wa-{1:012x}": 4, f"wa-{2:012x}": 3}
     last = Conversation.objects.get(session_id=f"wa-{2:012x}")
     assert last.last_message_preview == "m8" and last.contact_name == "C2"
-    assert Conversation.objects.get(session_id=f"wa-{1:012x}").needs_human
-    assert list(Message.objects.values_list("text", flat=True)) == [m.text for m in burst]
+    asked = Conversation.objects.get(session_id=f"wa-{1:012x}")
+    assert asked.needs_human and asked.needs_human_reason == "asked" and asked.auto_paused
+    customers = Message.objects.filter(author="customer")
+    assert list(customers.values_list("text", flat=True)) == [m.text for m in burst]
 
 
 @pytest.mark.django_db(transaction=True)
