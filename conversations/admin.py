@@ -13,6 +13,8 @@ from conversations.models import (
     ContactPause,
     Conversation,
     DeadLetter,
+    AlertPreferences,
+    HandoffPolicy,
     IngestCursor,
     Message,
     WorkerProcess,
@@ -308,3 +310,21 @@ class WorkerProcessAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+@admin.register(HandoffPolicy)
+class HandoffPolicyAdmin(admin.ModelAdmin):
+    """What the dashboard does when a customer needs a person; changes apply at once."""
+
+    list_display = ["agent_id", "pause_on_ask", "fallback_seconds", "idle_seconds", "updated_by", "updated_at"]
+    readonly_fields = ["updated_by", "updated_at"]
+
+    def save_model(self, request, obj, form, change):
+        obj.updated_by = request.user
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(AlertPreferences)
+class AlertPreferencesAdmin(admin.ModelAdmin):
+    list_display = ["user", "sound", "title", "desktop"]
+    list_select_related = ["user"]
