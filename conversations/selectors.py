@@ -100,7 +100,7 @@ def inbox_filter_key(value: str | None) -> str:
 
 def inbox_queryset(*, user: AbstractBaseUser, filter: str = "", q: str = "") -> QuerySet:
     """Conversations for the inbox, newest activity first (the indexes' order)."""
-    qs = Conversation.objects.select_related("held_by")
+    qs = with_contact_pause(Conversation.objects.select_related("held_by"))
     key = inbox_filter_key(filter)
     if key == "active":
         qs = qs.filter(state=Conversation.State.ACTIVE)
@@ -190,10 +190,21 @@ def conversation_find(pk: int) -> Conversation | None:
     return Conversation.objects.select_related("held_by").filter(pk=pk).first()
 
 
+def with_contact_pause(qs: QuerySet) -> QuerySet:
+    """Each row says whether its contact is paused (a subquery in the same query)."""
+    return qs.annotate(
+        contact_paused=Exists(
+            ContactPause.objects.filter(
+                agent_id=OuterRef("agent_id"), contact_phone=OuterRef("contact_phone")
+            )
+        )
+    )
+
+
 def inbox_rows_by_id(conversation_ids) -> list[Conversation]:
     """Rows to re-render, oldest activity first (so the newest lands on top)."""
     return list(
-        Conversation.objects.select_related("held_by")
+        with_contact_pause(Conversation.objects.select_related("held_by"))
         .filter(pk__in=list(conversation_ids))
         .order_by("last_message_at", "id")
     )
@@ -249,6 +260,32 @@ class ConversationState:
     can_take_over: bool
     can_pause: bool
     idle_deadline: float | None = None  # epoch s: when an idle holder's hold goes back to the AI
+    agent_paused: bool = False  # the kill switch
+
+    @property
+    def answering(self) -> tuple[str, str]:
+        """Who answers this customer right now, and why: the one derived state behind
+        the header's badge, the composer's notice and the inbox row's chip.
+
+        ("ai", ""), ("me"|"other", holder), ("nobody", "agent"|"contact"|"session").
+        """
+        if self.holder in ("me", "other"):
+            return self.holder, self.holder_name
+        if self.agent_paused:
+            return "nobody", "agent"
+        if self.contact_paused:
+            return "nobody", "contact"
+        if self.conversation.ai_paused:
+            return "nobody", "session"
+        return "ai", ""
+
+    @property
+    def paused_text(self) -> str:
+        return {
+            "agent": "AI paused everywhere",
+            "contact": "AI paused for this contact",
+            "session": "AI paused",
+        }.get(self.answering[1], "")
 
     @property
     def active(self) -> bool:
@@ -281,8 +318,9 @@ class ConversationState:
             if self.pending == "hand_back":
                 return "pending", f"{self.holder_name} is handing back…"
             return "other", f"{self.holder_name} holds this conversation"
-        if c.ai_paused or self.contact_paused:
-            return "needs", "AI paused · nobody holds this"
+        who, _ = self.answering
+        if who == "nobody":
+            return "needs", f"{self.paused_text} · nobody holds this"
         return "ai", "AI is answering"
 
 
@@ -347,6 +385,7 @@ def conversation_state(*, conversation: Conversation, user: AbstractBaseUser) ->
         can_take_over=user.has_perm(TAKE_OVER_PERMISSION),
         can_pause=user.has_perm(PAUSE_WIDE_PERMISSION),
         idle_deadline=_idle_deadline(conversation) if holder == "me" else None,
+        agent_paused=AgentState.objects.filter(agent_id=conversation.agent_id, ai_paused=True).exists(),
     )
 
 

@@ -653,7 +653,7 @@ class TestQueryCounts:
 
     # Constant whatever the data's size: the rows, the tab counts (3), this person's
     # alert settings and the agent banner.
-    MAX = 16
+    MAX = 17
 
     def _inbox_data(self, n, operator, other):
         now = timezone.now()
@@ -707,7 +707,7 @@ class TestQueryCounts:
 
     def test_state_view(self, operator_client, operator, django_assert_max_num_queries):
         c = ConversationFactory(held=True, held_by=operator)
-        with django_assert_max_num_queries(8):
+        with django_assert_max_num_queries(9):
             operator_client.get(f"/c/{c.pk}/state/")
 
 
@@ -756,3 +756,27 @@ class TestDatabaseUnavailable:
         response = operator_client.get("/")
         assert response.status_code == 503
         assert "The database is unavailable" in response.content.decode()
+
+
+
+@pytest.mark.django_db
+class TestWhoAnswers:
+    """One derived state behind the badge, the composer and the inbox row."""
+
+    def test_with_the_kill_switch_on_nothing_says_the_ai_answers(self, operator_client):
+        conversation = ConversationFactory()
+        AgentState.objects.update_or_create(agent_id=conversation.agent_id, defaults={"ai_paused": True})
+        body = operator_client.get(f"/c/{conversation.pk}/").content.decode()
+        assert "AI paused everywhere · nobody holds this" in body
+        assert "The AI is answering" not in body and "AI is answering" not in body
+        assert "AI paused everywhere and nobody holds this conversation" in body
+
+    def test_a_paused_contact_is_said_in_the_composer_and_the_row(self, operator_client):
+        conversation = ConversationFactory()
+        ContactPause.objects.create(agent_id=conversation.agent_id, contact_phone=conversation.contact_phone)
+        body = operator_client.get(f"/c/{conversation.pk}/").content.decode()
+        assert "AI paused for this contact and nobody holds this conversation" in body
+        assert "The AI is answering" not in body
+        row = body[body.index(f'id="row-{conversation.pk}"'):]
+        row = row[: row.index("</a>")]
+        assert "Contact paused" in row and 'class="chip chip-ai"' not in row
