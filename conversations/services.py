@@ -534,7 +534,11 @@ def _apply_confirmed(command: Command) -> None:
         conversation = _locked(command.conversation)
         if command.kind == Kind.PAUSE:
             _set_session_paused(conversation, True)
-            if conversation.held_by_id == command.operator_id:
+            took_from_someone = conversation.messages.filter(
+                direction=Message.Direction.NOTE, created_at__gte=command.created_at,
+                text__contains="took over from",
+            ).exists()  # a forced take over has its divider already
+            if conversation.held_by_id == command.operator_id and command.operator_id and not took_from_someone:
                 _note(conversation, f"{display_name(command.operator)} took over")
         elif command.kind == Kind.RESUME:
             _set_session_paused(conversation, False)

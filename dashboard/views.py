@@ -207,6 +207,14 @@ def _state_response(
     A plain form post (a click before htmx had wired the form) gets the page back.
     """
     if request.method == "POST" and not request.htmx:
+        if status >= 400:
+            # A plain form post that was refused says so; it is not a success.
+            return render(
+                request,
+                "refused.html",
+                {"message": toast or error, "back": resolve_url("conversation", pk=conversation.pk)},
+                status=status,
+            )
         return redirect("conversation", pk=conversation.pk)
     ctx = _conversation_context(request, conversation, oob=True, error=error, draft=draft)
     html = render_to_string("conversations/_conversation_state.html", ctx, request=request)

@@ -780,3 +780,23 @@ class TestWhoAnswers:
         row = body[body.index(f'id="row-{conversation.pk}"'):]
         row = row[: row.index("</a>")]
         assert "Contact paused" in row and 'class="chip chip-ai"' not in row
+
+
+@pytest.mark.django_db
+def test_a_refused_plain_form_post_says_so_and_is_not_a_redirect(other_operator_client, operator):
+    conversation = ConversationFactory(held=True, held_by=operator)
+    response = other_operator_client.post(f"/c/{conversation.pk}/send/", {"text": "hi"})
+    assert response.status_code == 409
+    assert "holds this conversation" in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_a_forced_take_over_leaves_one_divider(operator, other_operator):
+    from conversations import services
+
+    conversation = ConversationFactory(held=True, held_by=operator)
+    command = services.conversation_take_over(conversation=conversation, operator=other_operator, force=True)
+    services.command_mark_sent(command=command)
+    services.command_confirm(command=command)
+    notes = list(conversation.messages.filter(direction="note").values_list("text", flat=True))
+    assert len([n for n in notes if "took over" in n]) == 1, notes
