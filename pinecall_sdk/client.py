@@ -63,6 +63,45 @@ connection (its commands fail with the refusal's code) until the next connection
 After a reconnect, events may be missing or repeated (the protocol promises at most
 once per connection): deduplicate by ``message_id``; the client does not.
 
+Voice calls (``pinecall-voice-protocol.md``), on the same connection::
+
+    support.add_phone("+13186330963")           # re-added after every (re-)registration
+
+    @support.on("*")
+    async def on_any(event):                    # call events are CallEvent subclasses
+        if event.event == "bot.word":
+            print(event.call_id, event.message_id, event.word)
+
+    message_id = await support.call_say(call_id, "A colleague will call you back today.")
+    await support.call_hold(call_id); await support.call_unhold(call_id)
+    await support.call_mute(call_id); said = await support.call_unmute(call_id)
+    await support.call_cancel_speech(call_id)  # None if nothing was being said
+    await support.call_forward(call_id, "+15551234567")  # the call leaves Pinecall
+    await support.call_hangup(call_id)
+
+* Phone numbers: one ``channel.add`` (``type: "phone"``) per number after the WhatsApp
+  channel, after every ``agent.created`` / ``agent.resumed``. ``channel.added`` marks a
+  number added (``agent.phones``); ``PHONE_IN_USE`` (another agent holds it) is an
+  ``error`` event of the agent, with ``code == "PHONE_IN_USE"``, ``phone`` and a clear
+  ``message``; the number is then not re-added until ``add_phone`` is called again.
+* Per-call commands carry ``call_id`` and no ``agent_id`` (they still go through the
+  agent's queue: same queueing, timeout and ``CONNECTION_LOST`` rules as above). Their
+  answers carry no request id: matched by event and ``call_id`` (and ``message_id``),
+  first in first out. ``call_say`` waits for ``bot.speaking`` of its line (the line may
+  wait behind what the bot is saying: keep ``timeout`` generous), ``reply.rejected`` /
+  ``message.aborted`` fail it (``REPLY_REJECTED`` / ``MESSAGE_ABORTED``). A call the
+  server does not know fails with the server's code (the simulator: ``CALL_NOT_FOUND``).
+  A call that ends while a command waits fails it with ``CALL_ENDED`` (``call_hangup``
+  is confirmed by that ``call.ended``).
+* ``call_cancel_speech``: when the client knows the bot is silent on that call (it saw
+  the call start and every line end), nothing is sent and it returns None at once;
+  otherwise it sends ``bot.cancel`` and returns the ``bot.interrupted`` (``message.aborted``
+  for a line still waiting its turn), or None when the line ended by itself
+  (``bot.finished``) or the call ended first.
+* When the connection is lost, the client ends every call it knew live with a
+  ``call.ended`` of its own (``local=True``, ``reason="connection_lost"``): the server
+  sends none for those.
+
 Events are handed to handlers in arrival order by one dispatch task, so a slow
 handler delays later handlers but never the socket reader (pings and confirmations
 keep flowing). Exceptions in handlers are logged and swallowed.
@@ -99,14 +138,26 @@ waiting calls and the close / crash-only sequences are ``pinecall_sdk.runtime``.
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 from . import protocol
 from .connection import State
 from .dispatch import Handler
 from .errors import PinecallInvalidArgument
-from .events import Event
-from .protocol import AgentState, Phase, reconnect_delay
+from .events import (
+    BotInterruptedEvent,
+    CallEndedEvent,
+    CallForwardedEvent,
+    CallHeldEvent,
+    CallMutedEvent,
+    CallRejectedEvent,
+    CallStartedEvent,
+    CallUnheldEvent,
+    Event,
+    MessageAbortedEvent,
+)
+from .protocol import AgentState, Phase, PhoneChannel, reconnect_delay
 from .runtime import Runtime
 
 __all__ = ["Pinecall", "Agent", "reconnect_delay", "DEFAULT_URL"]
@@ -118,6 +169,31 @@ def _check_target(session_id: Any, contact: Any) -> None:
     for name, value in (("session_id", session_id), ("contact", contact)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise PinecallInvalidArgument(f"{name} must be a non-empty string, not {value!r}")
+
+
+def _check_call_id(call_id: Any) -> None:
+    if not isinstance(call_id, str) or not call_id.strip():
+        raise PinecallInvalidArgument(f"call_id must be a non-empty string, not {call_id!r}")
+
+
+#: add_phone's options: name -> the JSON types it may have
+_PHONE_OPTIONS: dict[str, tuple[type, ...]] = {
+    "voice": (str, dict),
+    "stt": (str, dict),
+    "language": (str,),
+    "llm": (str, dict),
+    "config": (dict,),
+    "ringing": (bool,),
+}
+
+
+def _expand_stt(stt: Any) -> Any:
+    """``"provider:model:lang"`` -> ``{provider, model, language}``; anything else as given."""
+    if isinstance(stt, str):
+        parts = stt.split(":")
+        if len(parts) == 3 and all(parts):
+            return {"provider": parts[0], "model": parts[1], "language": parts[2]}
+    return stt
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -193,6 +269,54 @@ class Agent:
             "app_secret": app_secret or None,
             "phone": phone or None,
         })
+
+    @property
+    def phones(self) -> dict[str, PhoneChannel]:
+        """The phone numbers given to :meth:`add_phone`, in order, and where each stands
+        (``status`` ``"pending"`` / ``"added"`` / ``"refused"``, ``error``); copies."""
+        return {ref: phone.copy() for ref, phone in self._state.phones.items()}
+
+    @property
+    def live_calls(self) -> frozenset[str]:
+        """The ids of this agent's calls the client has seen and not seen end."""
+        return frozenset(t.call_id for t in self._runtime.core.calls.values() if t.agent_id == self.agent_id)
+
+    def add_phone(
+        self,
+        ref: str,
+        *,
+        voice: str | dict[str, Any] | None = None,
+        stt: str | dict[str, Any] | None = None,
+        language: str | None = None,
+        llm: str | dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        ringing: bool | None = None,
+    ) -> None:
+        """Take the phone calls of a number: ``channel.add`` with ``type: "phone"``.
+
+        ``ref`` is E.164 (``+`` and 7-15 digits) or a ``sip:`` URI, checked as the
+        JavaScript SDK does and sent as given. Options that are set go into the frame
+        (per-number ``voice``, ``stt``, ``language``, ``llm``, ``config``; ``ringing=True``
+        for ``call.ringing`` before each call); an ``stt`` of ``"provider:model:lang"`` is
+        sent as ``{provider, model, language}``. Sent after every (re-)registration (after
+        the WhatsApp channel); if the agent is registered, now (after the commands already
+        queued). Adding the same ``ref`` again replaces its options (and forgets a refusal).
+        ``PHONE_IN_USE``: see :attr:`phones` and the ``"error"`` handlers.
+        """
+        if not protocol.check_phone_ref(ref):
+            raise PinecallInvalidArgument(
+                f"ref must be an E.164 number (+ and 7-15 digits) or a sip: URI, not {ref!r}"
+            )
+        options = {"voice": voice, "stt": stt, "language": language, "llm": llm, "config": config,
+                   "ringing": ringing}
+        for name, value in options.items():
+            if value is not None and (
+                not isinstance(value, _PHONE_OPTIONS[name]) or (isinstance(value, str) and not value)
+            ):
+                kinds = " or ".join(t.__name__ for t in _PHONE_OPTIONS[name])
+                raise PinecallInvalidArgument(f"{name} must be a non-empty {kinds} or None, not {value!r}")
+        options["stt"] = _expand_stt(stt)
+        self._runtime.set_phone(self.agent_id, ref, options)
 
     # -- handlers ------------------------------------------------------------------
 
@@ -272,6 +396,123 @@ class Agent:
             request_id=frame["request_id"],
         )
         return [entry for entry in reply.messages or () if isinstance(entry, dict)]
+
+    # -- voice calls: supervisor commands ------------------------------------------------
+
+    async def call_say(
+        self,
+        call_id: str,
+        text: str,
+        message_id: str | None = None,
+        add_to_history: bool = True,
+        *,
+        timeout: float | None = None,
+    ) -> str:
+        """Make the agent say ``text`` on the call; returns the line's ``message_id``.
+
+        Sends ``bot.reply`` with ``in_reply_to: ""`` (and ``add_to_history: true`` to put
+        the line into the LLM history as an assistant message); returns once the line
+        starts (``bot.speaking`` with that ``message_id``). Its words, ``message.confirmed``
+        and ``bot.finished`` / ``bot.interrupted`` follow as events. ``message_id``: a fresh
+        ``msg_…`` if not given. Fails with ``REPLY_REJECTED`` / ``MESSAGE_ABORTED`` when the
+        server drops the line.
+        """
+        _check_call_id(call_id)
+        if not isinstance(text, str) or not text.strip():
+            raise PinecallInvalidArgument("call_say needs a non-empty text")
+        if message_id is not None and (not isinstance(message_id, str) or not message_id.strip()):
+            raise PinecallInvalidArgument(f"message_id must be a non-empty string or None, not {message_id!r}")
+        if not isinstance(add_to_history, bool):
+            raise PinecallInvalidArgument(f"add_to_history must be a boolean, not {add_to_history!r}")
+        _check_timeout(timeout)
+        message_id = message_id or f"msg_{uuid.uuid4().hex}"
+        await self._call_command(
+            protocol.say_frame(call_id, message_id, text, add_to_history), call_id, timeout,
+            message_id=message_id,
+        )
+        return message_id
+
+    async def call_forward(self, call_id: str, to: str, *, timeout: float | None = None) -> CallForwardedEvent:
+        """Forward the call to ``to`` (E.164 or ``sip:``), e.g. a human's phone; returns
+        ``call.forwarded``. The call then leaves Pinecall (a ``call.ended`` follows)."""
+        _check_call_id(call_id)
+        if not protocol.check_phone_ref(to):
+            raise PinecallInvalidArgument(f"to must be an E.164 number or a sip: URI, not {to!r}")
+        _check_timeout(timeout)
+        return await self._call_command(protocol.forward_frame(call_id, to), call_id, timeout)
+
+    async def call_hold(self, call_id: str, *, timeout: float | None = None) -> CallHeldEvent:
+        """Put the caller on hold (music, mic muted); returns ``call.held``."""
+        return await self._simple_call_command("call.hold", call_id, timeout)
+
+    async def call_unhold(self, call_id: str, *, timeout: float | None = None) -> CallUnheldEvent:
+        """Take the caller off hold; returns ``call.unheld``."""
+        return await self._simple_call_command("call.unhold", call_id, timeout)
+
+    async def call_mute(self, call_id: str, *, timeout: float | None = None) -> CallMutedEvent:
+        """Mute the caller for the AI (still transcribed); returns ``call.muted``."""
+        return await self._simple_call_command("call.mute", call_id, timeout)
+
+    async def call_unmute(self, call_id: str, *, timeout: float | None = None) -> str | None:
+        """Unmute the caller; returns ``muted_transcript`` (what they said meanwhile, or None)."""
+        ev = await self._simple_call_command("call.unmute", call_id, timeout)
+        return getattr(ev, "muted_transcript", None)
+
+    async def call_cancel_speech(
+        self, call_id: str, message_id: str | None = None, *, timeout: float | None = None
+    ) -> BotInterruptedEvent | MessageAbortedEvent | None:
+        """Stop what the bot is saying on the call (only line ``message_id``, if given).
+
+        Returns the ``bot.interrupted`` (or, for a line of ours still waiting its turn,
+        its ``message.aborted``). When the client knows nothing (or not that line) is
+        being said or on its way, it sends nothing and returns None at once; it also
+        returns None when the line ended by itself (``bot.finished``) or the call ended
+        before the cancel took effect.
+        """
+        _check_call_id(call_id)
+        if message_id is not None and (not isinstance(message_id, str) or not message_id.strip()):
+            raise PinecallInvalidArgument(f"message_id must be a non-empty string or None, not {message_id!r}")
+        _check_timeout(timeout)
+        if self._runtime.core.is_speaking(call_id, message_id) is False:
+            return None
+        ev = await self._call_command(
+            protocol.cancel_frame(call_id, message_id), call_id, timeout, message_id=message_id
+        )
+        return ev if isinstance(ev, (BotInterruptedEvent, MessageAbortedEvent)) else None
+
+    async def call_hangup(self, call_id: str, *, timeout: float | None = None) -> CallEndedEvent:
+        """Hang up; returns the ``call.ended`` (reason ``client_hangup``)."""
+        return await self._simple_call_command("call.hangup", call_id, timeout)
+
+    async def call_accept(self, call_id: str, *, timeout: float | None = None) -> CallStartedEvent:
+        """Answer a ``call.ringing`` call; returns its ``call.started``."""
+        _check_call_id(call_id)
+        _check_timeout(timeout)
+        return await self._call_command(protocol.accept_frame(self.agent_id, call_id), call_id, timeout)
+
+    async def call_reject(
+        self, call_id: str, reason: str = "busy", *, timeout: float | None = None
+    ) -> CallRejectedEvent:
+        """Refuse a ``call.ringing`` call (``reason`` ``"busy"`` or ``"rejected"``);
+        returns ``call.rejected``."""
+        _check_call_id(call_id)
+        if reason not in ("busy", "rejected"):
+            raise PinecallInvalidArgument(f'reason must be "busy" or "rejected", not {reason!r}')
+        _check_timeout(timeout)
+        return await self._call_command(protocol.reject_frame(self.agent_id, call_id, reason), call_id, timeout)
+
+    async def _simple_call_command(self, kind: str, call_id: str, timeout: float | None) -> Any:
+        _check_call_id(call_id)
+        _check_timeout(timeout)
+        return await self._call_command(protocol.call_frame(kind, call_id), call_id, timeout)
+
+    async def _call_command(
+        self, frame: dict[str, Any], call_id: str, timeout: float | None, *, message_id: str | None = None
+    ) -> Any:
+        return await self._runtime.command(
+            self.agent_id, frame, session_id=None, contact=None, timeout=timeout,
+            call_id=call_id, message_id=message_id,
+        )
 
     async def _target_command(
         self, kind: str, session_id: str | None, contact: str | None, timeout: float | None

@@ -17,6 +17,12 @@ surrogates included): sanitising is the application's job.
 
 :class:`DisconnectedEvent`, :class:`ReconnectingEvent` and :class:`RegisteredEvent`
 are not wire events: the client makes them for its lifecycle handlers.
+
+Voice calls (``/work/shared/pinecall-voice-protocol.md``): every call event is a
+:class:`CallEvent` (``call_id``, ``session_id``, ``seq``, ``ts``) with the fields of the
+document's table under their wire names (``from`` as ``from_``). Nested objects
+(``tool_calls``, ``messages``, ``line_transcript``, ``metadata``) keep their wire
+spelling, as the JavaScript SDK keeps them.
 """
 
 from __future__ import annotations
@@ -51,6 +57,50 @@ __all__ = [
     "DisconnectedEvent",
     "ReconnectingEvent",
     "RegisteredEvent",
+    "CallEvent",
+    "CallRingingEvent",
+    "CallRejectedEvent",
+    "CallDialingEvent",
+    "CallStartedEvent",
+    "CallUpdatedEvent",
+    "SpeechStartedEvent",
+    "UserSpeakingEvent",
+    "SpeechEndedEvent",
+    "UserMessageEvent",
+    "EagerTurnEvent",
+    "TurnPauseEvent",
+    "TurnResumedEvent",
+    "TurnEndEvent",
+    "TurnContinuedEvent",
+    "LlmBeforeEvent",
+    "LlmPreparingTimeoutEvent",
+    "LlmToolCallEvent",
+    "BotSpeakingEvent",
+    "BotWordEvent",
+    "MessageConfirmedEvent",
+    "BotFinishedEvent",
+    "BotInterruptedEvent",
+    "BargeInEvent",
+    "ReplyRejectedEvent",
+    "MessageAbortedEvent",
+    "SkillLoadedEvent",
+    "SkillUnloadedEvent",
+    "CallDtmfReceivedEvent",
+    "AudioMetricsEvent",
+    "SessionIdleWarningEvent",
+    "SessionTimeoutEvent",
+    "CreditsExhaustedEvent",
+    "CreditsRejectedEvent",
+    "CallForwardedEvent",
+    "CallHeldEvent",
+    "CallUnheldEvent",
+    "CallMutedEvent",
+    "CallUnmutedEvent",
+    "CallDtmfSentEvent",
+    "CallErrorEvent",
+    "CallEndedEvent",
+    "CallRecordingEvent",
+    "VOICE_EVENTS",
     "EVENT_CLASSES",
     "parse_event",
 ]
@@ -120,6 +170,10 @@ def _as_list(value: Any) -> list[Any] | None:
     return value if isinstance(value, list) else None
 
 
+def _as_dict(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
 def _as_error(value: Any) -> str | None:
     """The text of an ``error`` key: a string, an object's "message", else "error"; false: none."""
     if value is False:
@@ -159,6 +213,8 @@ class Event:
     #: field is still delivered (with None) rather than lost; e.g. a
     #: ``whatsapp.response`` for a direct send to a contact has no ``session_id``.
     _schema: ClassVar[dict[str, Reader]] = {"agent_id": _as_str}
+    #: attribute -> an older wire key it is read from when its own key is absent
+    _fallbacks: ClassVar[dict[str, str]] = {}
 
     def get(self, key: str, default: Any = None) -> Any:
         """A key of the raw frame (``event.get("timestamp")``)."""
@@ -191,7 +247,9 @@ class ErrorEvent(Event):
 
     ``message`` is read from ``"message"``, or from ``"error"`` on older servers.
     ``retry_after_s`` / ``holder_alive`` come with ``AGENT_CONFLICT``/``AGENT_IN_USE``,
-    ``used`` / ``limit`` with ``SERVER_AT_CAPACITY``.
+    ``used`` / ``limit`` with ``SERVER_AT_CAPACITY``, ``phone`` with ``PHONE_IN_USE``
+    (a ``channel.add`` of a phone number another agent holds), ``call_id`` with the
+    errors about one call (the simulator's ``CALL_NOT_FOUND``).
     ``fatal`` is not a wire field: the client sets it on the errors it reports
     when it gave something up (stopped reconnecting, gave up registering an agent).
     """
@@ -204,6 +262,8 @@ class ErrorEvent(Event):
     holder_alive: bool | None = None
     used: int | float | None = None
     limit: int | float | None = None
+    call_id: str | None = None
+    phone: str | None = None
     fatal: bool = False
 
     _schema: ClassVar = {
@@ -216,6 +276,8 @@ class ErrorEvent(Event):
         "holder_alive": _as_bool,
         "used": _as_number,
         "limit": _as_number,
+        "call_id": _as_str,
+        "phone": _as_str,
     }
 
 
@@ -407,6 +469,609 @@ class HistoryDataEvent(Event):
     }
 
 
+# --- voice calls ------------------------------------------------------------------
+#
+# The table "Events: server to client" of pinecall-voice-protocol.md, one class per
+# event, fields under their wire names. Every one carries ``call_id`` (and, in the
+# captures, ``session_id``, ``seq``, ``ts``): they are on the base class.
+
+_CALL: dict[str, Reader] = {
+    "agent_id": _as_str,
+    "call_id": _as_str,
+    "session_id": _as_str,
+    "seq": _as_int,
+    "ts": _as_time,
+}
+
+
+@dataclass(kw_only=True)
+class CallEvent(Event):
+    """Any event of a voice call (every class below is one).
+
+    ``call_id`` names the call (Twilio ``CA…``, WebRTC ``wrt_…``); ``session_id``,
+    ``seq`` and ``ts`` are in the captured frames too (``session_id`` had the same
+    value as ``call_id``). :attr:`call` is ``call_id``, else ``session_id``.
+    """
+
+    call_id: str | None = None
+    session_id: str | None = None
+    seq: int | None = None
+    ts: str | int | float | None = None
+
+    _schema: ClassVar = dict(_CALL)
+
+    @property
+    def call(self) -> str | None:
+        return self.call_id or self.session_id
+
+
+@dataclass(kw_only=True)
+class CallRingingEvent(CallEvent):
+    """``call.ringing``: only for a number added with ``ringing=True``; answer with
+    :meth:`Agent.call_accept` / :meth:`Agent.call_reject` (else accepted after about 5 s)."""
+
+    from_: str | None = None
+    to: str | None = None
+    direction: str | None = None
+
+    _schema: ClassVar = {**_CALL, "from": _as_str, "to": _as_str, "direction": _as_str}
+
+
+@dataclass(kw_only=True)
+class CallRejectedEvent(CallEvent):
+    """``call.rejected``: follows our ``call.reject``."""
+
+    reason: str | None = None
+
+    _schema: ClassVar = {**_CALL, "reason": _as_str}
+
+
+@dataclass(kw_only=True)
+class CallDialingEvent(CallEvent):
+    """``call.dialing``: an outbound call is being placed."""
+
+    to: str | None = None
+    from_: str | None = None
+
+    _schema: ClassVar = {**_CALL, "to": _as_str, "from": _as_str}
+
+
+@dataclass(kw_only=True)
+class CallStartedEvent(CallEvent):
+    """``call.started``: the call is connected.
+
+    ``from_`` / ``to`` are E.164 numbers on the phone (``"webrtc"`` in the browser);
+    ``direction`` ``inbound``/``outbound``; ``transport`` ``phone``/``webrtc``. Calls
+    through a phone line also have ``extension``, ``owner``, ``routed_from`` and
+    ``line_transcript`` (``[{who, text, at}]``).
+    """
+
+    from_: str | None = None
+    to: str | None = None
+    direction: str | None = None
+    metadata: dict[str, Any] | None = None
+    language: str | None = None
+    transport: str | None = None
+    extension: str | None = None
+    owner: str | None = None
+    routed_from: str | None = None
+    line_transcript: list[Any] | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "from": _as_str,
+        "to": _as_str,
+        "direction": _as_str,
+        "metadata": _as_dict,
+        "language": _as_str,
+        "transport": _as_str,
+        "extension": _as_str,
+        "owner": _as_str,
+        "routed_from": _as_str,
+        "line_transcript": _as_list,
+    }
+
+
+@dataclass(kw_only=True)
+class CallUpdatedEvent(CallEvent):
+    """``call.updated``: the session language changed mid-call."""
+
+    language: str | None = None
+
+    _schema: ClassVar = {**_CALL, "language": _as_str}
+
+
+@dataclass(kw_only=True)
+class SpeechStartedEvent(CallEvent):
+    """``speech.started``: the VAD heard the caller start."""
+
+    turn_id: int | None = None
+    confidence: int | float | None = None
+    timestamp: str | int | float | None = None
+
+    _schema: ClassVar = {**_CALL, "turn_id": _as_int, "confidence": _as_number, "timestamp": _as_time}
+
+
+@dataclass(kw_only=True)
+class UserSpeakingEvent(CallEvent):
+    """``user.speaking``: an interim transcript (the live draft); each one replaces the
+    previous. Never match it to the final ``user.message`` by id (captures had no
+    ``message_id`` and ``turn_id`` 0): the next ``user.message`` closes the draft."""
+
+    text: str | None = None
+    confidence: int | float | None = None
+    message_id: str | None = None
+    confirmed_text: str | None = None
+    turn_id: int | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "text": _as_str,
+        "confidence": _as_number,
+        "message_id": _as_str,
+        "confirmed_text": _as_str,
+        "turn_id": _as_int,
+    }
+
+
+@dataclass(kw_only=True)
+class SpeechEndedEvent(CallEvent):
+    """``speech.ended``: the VAD heard the caller stop."""
+
+    turn_id: int | None = None
+    duration_ms: int | float | None = None
+    timestamp: str | int | float | None = None
+
+    _schema: ClassVar = {**_CALL, "turn_id": _as_int, "duration_ms": _as_number, "timestamp": _as_time}
+
+
+@dataclass(kw_only=True)
+class UserMessageEvent(CallEvent):
+    """``user.message``: the caller's final text of a turn (may arrive twice: deduplicate
+    by ``message_id``). ``phone_number`` is the caller's number."""
+
+    message_id: str | None = None
+    text: str | None = None
+    confidence: int | float | None = None
+    turn_id: int | None = None
+    language: str | None = None
+    lag_ms: int | float | None = None
+    phone_number: str | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "message_id": _as_str,
+        "text": _as_str,
+        "confidence": _as_number,
+        "turn_id": _as_int,
+        "language": _as_str,
+        "lag_ms": _as_number,
+        "phone_number": _as_str,
+    }
+
+
+@dataclass(kw_only=True)
+class EagerTurnEvent(CallEvent):
+    """``eager.turn``: an early guess that the caller finished."""
+
+    turn_id: int | None = None
+    message_id: str | None = None
+    text: str | None = None
+    probability: int | float | None = None
+    latency_ms: int | float | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "turn_id": _as_int,
+        "message_id": _as_str,
+        "text": _as_str,
+        "probability": _as_number,
+        "latency_ms": _as_number,
+    }
+
+
+@dataclass(kw_only=True)
+class TurnPauseEvent(CallEvent):
+    """``turn.pause``: the caller may go on (SmartTurn only)."""
+
+    turn_id: int | None = None
+    probability: int | float | None = None
+    latency_ms: int | float | None = None
+
+    _schema: ClassVar = {**_CALL, "turn_id": _as_int, "probability": _as_number, "latency_ms": _as_number}
+
+
+@dataclass(kw_only=True)
+class TurnResumedEvent(CallEvent):
+    """``turn.resumed``: the caller spoke again after a pause."""
+
+    turn_id: int | None = None
+    timestamp: str | int | float | None = None
+
+    _schema: ClassVar = {**_CALL, "turn_id": _as_int, "timestamp": _as_time}
+
+
+@dataclass(kw_only=True)
+class TurnEndEvent(CallEvent):
+    """``turn.end``: the turn is over and the reply starts. ``text`` / ``message_id`` are
+    optional: without them, take those of the last ``user.message``."""
+
+    turn_id: int | None = None
+    probability: int | float | None = None
+    latency_ms: int | float | None = None
+    text: str | None = None
+    message_id: str | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "turn_id": _as_int,
+        "probability": _as_number,
+        "latency_ms": _as_number,
+        "text": _as_str,
+        "message_id": _as_str,
+    }
+
+
+@dataclass(kw_only=True)
+class TurnContinuedEvent(CallEvent):
+    """``turn.continued``: the caller kept talking after a turn signal."""
+
+    turn_id: int | None = None
+    timestamp: str | int | float | None = None
+
+    _schema: ClassVar = {**_CALL, "turn_id": _as_int, "timestamp": _as_time}
+
+
+@dataclass(kw_only=True)
+class LlmBeforeEvent(CallEvent):
+    """``llm.before``: only with ``preparing`` on; the server waits for ``llm.ready``."""
+
+    turn: int | None = None
+
+    _schema: ClassVar = {**_CALL, "turn": _as_int}
+
+
+@dataclass(kw_only=True)
+class LlmPreparingTimeoutEvent(CallEvent):
+    """``llm.preparing_timeout``: the wait for ``llm.ready`` ran out."""
+
+    turn: int | None = None
+    waited_ms: int | float | None = None
+    budget_ms: int | float | None = None
+
+    _schema: ClassVar = {**_CALL, "turn": _as_int, "waited_ms": _as_number, "budget_ms": _as_number}
+
+
+@dataclass(kw_only=True)
+class LlmToolCallEvent(CallEvent):
+    """``llm.tool_call`` (the wire name; the JavaScript SDK calls it ``llm.toolCall``).
+
+    ``msg_id`` ties it to its ``llm.tool_result`` (older servers send ``message_id``:
+    then ``msg_id`` is read from it); it may be re-sent, deduplicate by ``msg_id``.
+    ``tool_calls`` is as sent; :attr:`calls` reads both shapes
+    (``{id, name, arguments}`` and OpenAI's ``{id, function: {name, arguments}}``).
+    """
+
+    msg_id: str | None = None
+    message_id: str | None = None
+    tool_calls: list[Any] | None = None
+
+    _schema: ClassVar = {**_CALL, "msg_id": _as_str, "message_id": _as_str, "tool_calls": _as_list}
+    _fallbacks: ClassVar = {"msg_id": "message_id"}
+
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        """``[{"id", "name", "arguments"}]`` for each tool call that is an object."""
+        out = []
+        for item in self.tool_calls or ():
+            if not isinstance(item, dict):
+                continue
+            function = item.get("function")
+            source = function if isinstance(function, dict) else item
+            out.append({"id": item.get("id"), "name": source.get("name"),
+                        "arguments": source.get("arguments")})
+        return out
+
+
+@dataclass(kw_only=True)
+class BotSpeakingEvent(CallEvent):
+    """``bot.speaking``: the bot started a line. ``text`` is the whole line for a
+    ``bot.reply`` (:meth:`Agent.call_say`), empty for a streamed server-LLM reply. A new
+    ``bot.speaking`` starts a new caption line."""
+
+    message_id: str | None = None
+    text: str | None = None
+
+    _schema: ClassVar = {**_CALL, "message_id": _as_str, "text": _as_str}
+
+
+@dataclass(kw_only=True)
+class BotWordEvent(CallEvent):
+    """``bot.word``: one word, as the audio plays it (``start_time``/``end_time`` in s)."""
+
+    message_id: str | None = None
+    word: str | None = None
+    word_index: int | None = None
+    start_time: int | float | None = None
+    end_time: int | float | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "message_id": _as_str,
+        "word": _as_str,
+        "word_index": _as_int,
+        "start_time": _as_number,
+        "end_time": _as_number,
+    }
+
+
+@dataclass(kw_only=True)
+class MessageConfirmedEvent(CallEvent):
+    """``message.confirmed``: the line's final wording (may arrive twice)."""
+
+    message_id: str | None = None
+    text: str | None = None
+
+    _schema: ClassVar = {**_CALL, "message_id": _as_str, "text": _as_str}
+
+
+@dataclass(kw_only=True)
+class BotFinishedEvent(CallEvent):
+    """``bot.finished``: the line's audio finished playing."""
+
+    message_id: str | None = None
+    duration_ms: int | float | None = None
+
+    _schema: ClassVar = {**_CALL, "message_id": _as_str, "duration_ms": _as_number}
+
+
+@dataclass(kw_only=True)
+class BotInterruptedEvent(CallEvent):
+    """``bot.interrupted``: the bot was cut off (``reason`` ``user_spoke``, ``cancelled``,
+    ``continuation``, ``early``...) after ``words_spoken`` words / ``played_ms``."""
+
+    message_id: str | None = None
+    played_ms: int | float | None = None
+    words_spoken: int | None = None
+    last_word: str | None = None
+    reason: str | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "message_id": _as_str,
+        "played_ms": _as_number,
+        "words_spoken": _as_int,
+        "last_word": _as_str,
+        "reason": _as_str,
+    }
+
+
+@dataclass(kw_only=True)
+class BargeInEvent(CallEvent):
+    """``barge_in``: the caller talked over the bot's ``cancelled_message_id``."""
+
+    cancelled_message_id: str | None = None
+
+    _schema: ClassVar = {**_CALL, "cancelled_message_id": _as_str}
+
+
+@dataclass(kw_only=True)
+class ReplyRejectedEvent(CallEvent):
+    """``reply.rejected``: a ``bot.reply`` answered a stale user message; not spoken."""
+
+    message_id: str | None = None
+    in_reply_to: str | None = None
+    expected_reply_to: str | None = None
+    reason: str | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "message_id": _as_str,
+        "in_reply_to": _as_str,
+        "expected_reply_to": _as_str,
+        "reason": _as_str,
+    }
+
+
+@dataclass(kw_only=True)
+class MessageAbortedEvent(CallEvent):
+    """``message.aborted``: a bot line was dropped before it was confirmed."""
+
+    message_id: str | None = None
+    reason: str | None = None
+
+    _schema: ClassVar = {**_CALL, "message_id": _as_str, "reason": _as_str}
+
+
+@dataclass(kw_only=True)
+class _SkillEvent(CallEvent):
+    skill: str | None = None
+    by: str | None = None
+
+    _schema: ClassVar = {**_CALL, "skill": _as_str, "by": _as_str}
+
+
+@dataclass(kw_only=True)
+class SkillLoadedEvent(_SkillEvent):
+    """``skill.loaded``: a skill was switched on for the call."""
+
+
+@dataclass(kw_only=True)
+class SkillUnloadedEvent(_SkillEvent):
+    """``skill.unloaded``: a skill was switched off for the call."""
+
+
+@dataclass(kw_only=True)
+class CallDtmfReceivedEvent(CallEvent):
+    """``call.dtmf_received``: the caller pressed ``digit`` (``digits``: all so far)."""
+
+    digit: str | None = None
+    digits: str | None = None
+
+    _schema: ClassVar = {**_CALL, "digit": _as_str, "digits": _as_str}
+
+
+@dataclass(kw_only=True)
+class AudioMetricsEvent(CallEvent):
+    """``audio.metrics``: only with ``config.analysis.send_audio_metrics`` (every ~100 ms)."""
+
+    source: str | None = None
+    energy_db: int | float | None = None
+    rms: int | float | None = None
+    peak: int | float | None = None
+    is_speech: bool | None = None
+    vad_prob: int | float | None = None
+    timestamp: str | int | float | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "source": _as_str,
+        "energy_db": _as_number,
+        "rms": _as_number,
+        "peak": _as_number,
+        "is_speech": _as_bool,
+        "vad_prob": _as_number,
+        "timestamp": _as_time,
+    }
+
+
+@dataclass(kw_only=True)
+class SessionIdleWarningEvent(CallEvent):
+    """``session.idle_warning``: the caller has been silent; the call ends in
+    ``remaining_seconds`` (of ``idle_timeout_seconds``)."""
+
+    remaining_seconds: int | float | None = None
+    idle_timeout_seconds: int | float | None = None
+
+    _schema: ClassVar = {**_CALL, "remaining_seconds": _as_number, "idle_timeout_seconds": _as_number}
+
+
+@dataclass(kw_only=True)
+class SessionTimeoutEvent(CallEvent):
+    """``session.timeout``: a session limit was hit (``max_duration``/``idle_timeout``)."""
+
+    reason: str | None = None
+
+    _schema: ClassVar = {**_CALL, "reason": _as_str}
+
+
+@dataclass(kw_only=True)
+class CreditsExhaustedEvent(CallEvent):
+    """``credits.exhausted``: the org ran out of credit; the call is ending."""
+
+
+@dataclass(kw_only=True)
+class CreditsRejectedEvent(CallEvent):
+    """``credits.rejected``: the call was refused for lack of credit."""
+
+
+@dataclass(kw_only=True)
+class CallForwardedEvent(CallEvent):
+    """``call.forwarded``: the call left Pinecall for ``to`` (:meth:`Agent.call_forward`)."""
+
+    to: str | None = None
+
+    _schema: ClassVar = {**_CALL, "to": _as_str}
+
+
+@dataclass(kw_only=True)
+class CallHeldEvent(CallEvent):
+    """``call.held``: hold music plays, the caller's mic is muted."""
+
+
+@dataclass(kw_only=True)
+class CallUnheldEvent(CallEvent):
+    """``call.unheld``: back from hold."""
+
+
+@dataclass(kw_only=True)
+class CallMutedEvent(CallEvent):
+    """``call.muted``: the caller is muted (still transcribed)."""
+
+
+@dataclass(kw_only=True)
+class CallUnmutedEvent(CallEvent):
+    """``call.unmuted``: ``muted_transcript`` is what the caller said meanwhile (or None)."""
+
+    muted_transcript: str | None = None
+
+    _schema: ClassVar = {**_CALL, "muted_transcript": _as_str}
+
+
+@dataclass(kw_only=True)
+class CallDtmfSentEvent(CallEvent):
+    """``call.dtmf_sent``: the keypad tones ``digits`` were played."""
+
+    digits: str | None = None
+
+    _schema: ClassVar = {**_CALL, "digits": _as_str}
+
+
+@dataclass(kw_only=True)
+class CallErrorEvent(CallEvent):
+    """``call.error``: the call failed (``error`` its text, ``code`` optional): an ended call."""
+
+    error: str | None = None
+    code: str | None = None
+
+    _schema: ClassVar = {**_CALL, "error": _as_error, "code": _as_str}
+
+
+@dataclass(kw_only=True)
+class CallEndedEvent(CallEvent):
+    """``call.ended``: the call is over.
+
+    ``reason`` is free text (``hangup``, ``client_hangup``, ``idle_timeout``, ``forwarded``,
+    ...); ``duration_seconds`` a float; ``started_at`` / ``ended_at`` epoch seconds;
+    ``messages`` the server's full history (``[{role, content}]``). A call that never
+    connected also has ``direction``, ``from_``, ``to``.
+
+    ``local`` is not a wire field: True on the ``call.ended`` the client makes itself,
+    for each call it knew live, when the connection is lost (the server sends none for
+    those calls; ``reason`` is then ``"connection_lost"``).
+    """
+
+    reason: str | None = None
+    duration_seconds: int | float | None = None
+    started_at: str | int | float | None = None
+    ended_at: str | int | float | None = None
+    messages: list[Any] | None = None
+    direction: str | None = None
+    from_: str | None = None
+    to: str | None = None
+    local: bool = False
+
+    _schema: ClassVar = {
+        **_CALL,
+        "reason": _as_str,
+        "duration_seconds": _as_number,
+        "started_at": _as_time,
+        "ended_at": _as_time,
+        "messages": _as_list,
+        "direction": _as_str,
+        "from": _as_str,
+        "to": _as_str,
+    }
+
+
+@dataclass(kw_only=True)
+class CallRecordingEvent(CallEvent):
+    """``call.recording``: after the end, with recording on (``audio`` base64 WAV)."""
+
+    audio: str | None = None
+    duration_ms: int | float | None = None
+    format: str | None = None
+    sample_rate: int | None = None
+
+    _schema: ClassVar = {
+        **_CALL,
+        "audio": _as_str,
+        "duration_ms": _as_number,
+        "format": _as_str,
+        "sample_rate": _as_int,
+    }
+
+
 # --- client lifecycle (not on the wire) -------------------------------------
 
 
@@ -462,6 +1127,53 @@ EVENT_CLASSES: dict[str, type[Event]] = {
     "history.data": HistoryDataEvent,
 }
 
+#: wire name -> class, for every voice-call event of the document's table
+VOICE_EVENTS: dict[str, type[CallEvent]] = {
+    "call.ringing": CallRingingEvent,
+    "call.rejected": CallRejectedEvent,
+    "call.dialing": CallDialingEvent,
+    "call.started": CallStartedEvent,
+    "call.updated": CallUpdatedEvent,
+    "speech.started": SpeechStartedEvent,
+    "user.speaking": UserSpeakingEvent,
+    "speech.ended": SpeechEndedEvent,
+    "user.message": UserMessageEvent,
+    "eager.turn": EagerTurnEvent,
+    "turn.pause": TurnPauseEvent,
+    "turn.resumed": TurnResumedEvent,
+    "turn.end": TurnEndEvent,
+    "turn.continued": TurnContinuedEvent,
+    "llm.before": LlmBeforeEvent,
+    "llm.preparing_timeout": LlmPreparingTimeoutEvent,
+    "llm.tool_call": LlmToolCallEvent,
+    "bot.speaking": BotSpeakingEvent,
+    "bot.word": BotWordEvent,
+    "message.confirmed": MessageConfirmedEvent,
+    "bot.finished": BotFinishedEvent,
+    "bot.interrupted": BotInterruptedEvent,
+    "barge_in": BargeInEvent,
+    "reply.rejected": ReplyRejectedEvent,
+    "message.aborted": MessageAbortedEvent,
+    "skill.loaded": SkillLoadedEvent,
+    "skill.unloaded": SkillUnloadedEvent,
+    "call.dtmf_received": CallDtmfReceivedEvent,
+    "audio.metrics": AudioMetricsEvent,
+    "session.idle_warning": SessionIdleWarningEvent,
+    "session.timeout": SessionTimeoutEvent,
+    "credits.exhausted": CreditsExhaustedEvent,
+    "credits.rejected": CreditsRejectedEvent,
+    "call.forwarded": CallForwardedEvent,
+    "call.held": CallHeldEvent,
+    "call.unheld": CallUnheldEvent,
+    "call.muted": CallMutedEvent,
+    "call.unmuted": CallUnmutedEvent,
+    "call.dtmf_sent": CallDtmfSentEvent,
+    "call.error": CallErrorEvent,
+    "call.ended": CallEndedEvent,
+    "call.recording": CallRecordingEvent,
+}
+EVENT_CLASSES.update(VOICE_EVENTS)
+
 
 def _read(cls: type[Event], name: str, key: str, value: Any) -> Any:
     """The field's reader applied to ``value``; an unexpected JSON type is reported once."""
@@ -506,6 +1218,9 @@ def parse_event(frame: Any) -> Event:
         value = frame.get(key)
         if value is not None:
             kwargs[_attr_name(key)] = _read(cls, name, key, value)
+    for attr, key in cls._fallbacks.items():  # older wire names
+        if kwargs.get(attr) is None and frame.get(key) is not None:
+            kwargs[attr] = _read(cls, name, key, frame[key])
     if cls is ErrorEvent and kwargs.get("message") is None:
         legacy = frame.get("error")
         if isinstance(legacy, str):

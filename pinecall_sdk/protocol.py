@@ -16,10 +16,30 @@ carries out in order:
 Frames to write are pulled one at a time with :meth:`~ProtocolCore.next_frame`: a
 command counts as sent (in flight) only once its frame has been taken.
 
-Extending the protocol (the voice part): an event the client only delivers needs a
-class in ``events.EVENT_CLASSES`` and nothing here; an event the client acts on gets
-a row in :meth:`ProtocolCore._actions`; a command gets a frame builder below, and
-the event that confirms it a row in :data:`CONFIRMATIONS`.
+Extending the protocol: an event the client only delivers needs a class in
+``events.EVENT_CLASSES`` and nothing here; an event the client acts on gets a row in
+:meth:`ProtocolCore._actions`; a command gets a frame builder below, and the event
+that confirms it a row in :data:`CONFIRMATIONS`.
+
+Voice calls (``pinecall-voice-protocol.md``):
+
+* Phone numbers (:meth:`ProtocolCore.set_phone`) are re-added after every
+  registration, after the WhatsApp channel, one ``channel.add`` each; ``channel.added``
+  marks one added, an ``error`` ``PHONE_IN_USE`` refuses it (forgotten until added
+  again, as the JavaScript SDK does) and is delivered as an ``error`` event of the
+  agent; it never fails a command.
+* Per-call commands carry ``call_id`` and no ``agent_id``; their answers carry no
+  request id and are matched by event and ``call_id`` (and ``message_id`` for
+  ``bot.reply`` / ``bot.cancel``), first in first out. An ``error`` naming a
+  ``call_id`` fails only a command of that call. ``call.ended`` / ``call.error``
+  confirm a ``call.hangup`` of that call and fail every other command of it still
+  waiting (``CALL_ENDED``).
+* The core keeps a small record of the calls it sees (:class:`CallTrack`: whose they
+  are, what the bot is saying), to route a call event that lacks ``agent_id`` and to
+  know whether anything is being said (``call_cancel_speech``). When the connection is
+  lost it ends them locally with a client-made ``call.ended`` (``local=True``, reason
+  ``connection_lost``): the server sends none for those calls.
+* ``agent_id`` may arrive as ``org_id:slug`` or slugified (:func:`resolve_agent`).
 """
 
 from __future__ import annotations
@@ -29,6 +49,7 @@ import enum
 import itertools
 import json
 import random
+import re
 import reprlib
 import time
 import uuid
@@ -38,7 +59,9 @@ from typing import Any, Callable, Iterable, Union
 from ._logging import logger, truncate
 from .errors import PinecallError, PinecallTimeout
 from .events import (
+    VOICE_EVENTS,
     AgentDisplacedEvent,
+    CallEndedEvent,
     ErrorEvent,
     Event,
     EVENT_CLASSES,
@@ -49,6 +72,8 @@ from .events import (
 __all__ = [
     "ProtocolCore",
     "AgentState",
+    "PhoneChannel",
+    "CallTrack",
     "Phase",
     "Command",
     "Policy",
@@ -69,6 +94,16 @@ __all__ = [
     "decode",
     "handshake",
     "copy_error",
+    "check_phone_ref",
+    "phone_frame",
+    "say_frame",
+    "call_frame",
+    "forward_frame",
+    "cancel_frame",
+    "accept_frame",
+    "reject_frame",
+    "resolve_agent",
+    "slug",
 ]
 
 #: registration refusals retried with backoff (for ``conflict_give_up_after`` at most)
@@ -196,6 +231,86 @@ def history_frame(agent_id: str, call_id: str, request_id: str | None = None) ->
     }
 
 
+# Voice (pinecall-voice-protocol.md). Per-call commands carry call_id and no agent_id.
+
+#: ``ref`` of a phone channel: E.164 (``+`` and 7-15 digits) or a ``sip:`` URI
+_E164 = re.compile(r"\+[0-9]{7,15}")
+
+
+def check_phone_ref(ref: Any) -> bool:
+    """True for an E.164 number or a ``sip:`` URI (as the JavaScript SDK checks it)."""
+    if not isinstance(ref, str):
+        return False
+    if ref.startswith("sip:"):
+        return len(ref) > 4 and not any(c.isspace() for c in ref)
+    return _E164.fullmatch(ref) is not None
+
+
+def phone_frame(agent_id: str, ref: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``channel.add`` for a phone number; options that are not set are left out."""
+    frame: dict[str, Any] = {"event": "channel.add", "agent_id": agent_id, "type": "phone", "ref": ref}
+    frame.update((k, v) for k, v in options.items() if v is not None)
+    return frame
+
+
+def call_frame(kind: str, call_id: str) -> dict[str, Any]:
+    """``call.hold`` / ``call.unhold`` / ``call.mute`` / ``call.unmute`` / ``call.hangup``."""
+    return {"event": kind, "call_id": call_id}
+
+
+def say_frame(call_id: str, message_id: str, text: str, add_to_history: bool) -> dict[str, Any]:
+    """``bot.reply`` of a line of our own (``in_reply_to`` empty: it answers no user turn)."""
+    frame: dict[str, Any] = {
+        "event": "bot.reply", "call_id": call_id, "message_id": message_id, "text": text,
+        "in_reply_to": "",
+    }
+    if add_to_history:
+        frame["add_to_history"] = True
+    return frame
+
+
+def forward_frame(call_id: str, to: str) -> dict[str, Any]:
+    """``call.forward``; the JavaScript SDK always sends ``message`` and ``announce``."""
+    return {"event": "call.forward", "call_id": call_id, "to": to, "message": "", "announce": False}
+
+
+def cancel_frame(call_id: str, message_id: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"event": "bot.cancel", "call_id": call_id}
+    if message_id is not None:
+        frame["message_id"] = message_id
+    return frame
+
+
+def accept_frame(agent_id: str, call_id: str) -> dict[str, Any]:
+    return {"event": "call.accept", "agent_id": agent_id, "call_id": call_id}
+
+
+def reject_frame(agent_id: str, call_id: str, reason: str) -> dict[str, Any]:
+    return {"event": "call.reject", "agent_id": agent_id, "call_id": call_id, "reason": reason}
+
+
+def slug(name: str) -> str:
+    """An agent name as the server may slugify it: lowercase, ``_`` and spaces as ``-``."""
+    return re.sub(r"[_\s]", "-", name.lower())
+
+
+def resolve_agent(agent_id: str, agents: dict[str, Any]) -> Any:
+    """The agent (a value of ``agents``) an ``agent_id`` from the server names, or None.
+
+    Exactly; else the part after ``org_id:``; else by slug (``Support_Team`` is
+    ``support-team``).
+    """
+    found = agents.get(agent_id)
+    if found is not None:
+        return found
+    tail = agent_id.split(":", 1)[1] if ":" in agent_id else agent_id
+    found = agents.get(tail)
+    if found is not None:
+        return found
+    wanted = slug(tail)
+    return next((state for name, state in agents.items() if slug(name) == wanted), None)
+
+
 # --- frames in: decoding ------------------------------------------------------------------
 
 
@@ -272,8 +387,13 @@ class Command:
     request_id: str | None = None
     expects_reply: bool = True  # False: fire-and-forget (a late channel.add)
     sent: bool = False
+    call_id: str | None = None  # per-call commands: the call they act on
+    message_id: str | None = None  # bot.reply / bot.cancel: the line
 
     def describe(self) -> str:
+        if self.call_id is not None:
+            line = f" message {self.message_id!r}" if self.message_id is not None else ""
+            return f"{self.kind} for call {self.call_id!r}{line} (agent {self.agent_id!r})"
         if self.session_id and self.contact:
             target = f"session {self.session_id!r} / contact {self.contact!r}"
         elif self.session_id:
@@ -300,12 +420,46 @@ _LIVE = (Phase.REGISTERING, Phase.BACKING_OFF, Phase.REGISTERED)
 
 
 @dataclass(eq=False)
+class PhoneChannel:
+    """A phone number of an agent (:meth:`Agent.add_phone`) and where it stands.
+
+    ``status``: ``"pending"`` (sent, or to be sent, on the current connection, no answer
+    yet), ``"added"`` (``channel.added``) or ``"refused"`` (``PHONE_IN_USE``: not sent
+    again until it is added again; ``error`` says why).
+    """
+
+    ref: str
+    options: dict[str, Any] = field(default_factory=dict)
+    status: str = "pending"
+    error: PinecallError | None = None
+
+    def copy(self) -> "PhoneChannel":
+        return PhoneChannel(self.ref, dict(self.options), self.status, self.error)
+
+
+@dataclass(eq=False)
+class CallTrack:
+    """What the core knows of a live call: whose it is and what the bot is saying.
+
+    ``speaking`` is the ``message_id`` of the line being spoken (``""`` for one without
+    an id), None when the bot is silent; ``speech_known`` is False until the core has
+    seen the call start or a ``bot.*`` event (then ``speaking`` is a fact).
+    """
+
+    call_id: str
+    agent_id: str
+    speaking: str | None = None
+    speech_known: bool = False
+
+
+@dataclass(eq=False)
 class AgentState:
     """The core's record of one agent: configuration, queue, commands in flight."""
 
     agent_id: str
     config: dict[str, Any]
     whatsapp: dict[str, Any] | None = None
+    phones: dict[str, PhoneChannel] = field(default_factory=dict)
     phase: Phase = Phase.OFFLINE
     failure: PinecallError | None = None  # set while REFUSED or DISPLACED
     outbox: collections.deque[Command] = field(default_factory=collections.deque)
@@ -435,6 +589,47 @@ def _no_error(ev: Event, cmd: Command) -> PinecallError | None:
     return None
 
 
+def _call_of(ev: Event) -> str | None:
+    """The call an event is about: ``call_id``, else ``session_id`` (the same in captures)."""
+    return getattr(ev, "call_id", None) or getattr(ev, "session_id", None)
+
+
+def _same_call(ev: Event, cmds: list[Command]) -> Command | None:
+    """A per-call confirmation (``call.held``, ``call.forwarded``...): the oldest command
+    of that call. None without a call id: these are never matched blindly."""
+    call_id = _call_of(ev)
+    return next((c for c in cmds if c.call_id == call_id), None) if call_id else None
+
+
+def _same_line(ev: Event, cmds: list[Command]) -> Command | None:
+    """``bot.speaking`` / ``reply.rejected`` / ``message.aborted``: the ``bot.reply`` of
+    that call with that ``message_id``."""
+    call_id, message_id = _call_of(ev), getattr(ev, "message_id", None)
+    if not call_id or message_id is None:
+        return None
+    return next((c for c in cmds if c.call_id == call_id and c.message_id == message_id), None)
+
+
+def _cancelled_line(ev: Event, cmds: list[Command]) -> Command | None:
+    """``bot.interrupted`` (or ``bot.finished``: it ended by itself meanwhile): a
+    ``bot.cancel`` of that call, for that line or for whatever was being said."""
+    call_id, message_id = _call_of(ev), getattr(ev, "message_id", None)
+    if not call_id:
+        return None
+    return next((c for c in cmds if c.call_id == call_id
+                 and (c.message_id is None or message_id is None or c.message_id == message_id)), None)
+
+
+def _line_refused(code: str) -> Callable[[Event, Command], PinecallError | None]:
+    def error(ev: Event, cmd: Command) -> PinecallError | None:
+        reason = getattr(ev, "reason", None)
+        return PinecallError(
+            f"{cmd.describe()}: {ev.event}" + (f" ({reason})" if reason else ""), code=code, frame=ev.raw,
+        )
+
+    return error
+
+
 @dataclass(frozen=True)
 class Confirmation:
     command: str  # the kind of command it answers
@@ -442,12 +637,30 @@ class Confirmation:
     error: Callable[[Event, Command], PinecallError | None] = _no_error  # an answer that is a failure
 
 
-CONFIRMATIONS: dict[str, Confirmation] = {
+#: event -> the rule (or rules, tried in order: one event may answer two commands)
+CONFIRMATIONS: dict[str, Confirmation | tuple[Confirmation, ...]] = {
     "session.paused": Confirmation("session.pause", _exact_target),
     "session.resumed": Confirmation("session.resume", _exact_target),
     "session.sent": Confirmation("session.send", _send_target),
     "history.data": Confirmation("history.get", _history_request, _history_error),
+    # voice: by call_id (and message_id), first in first out
+    "bot.speaking": Confirmation("bot.reply", _same_line),
+    "reply.rejected": Confirmation("bot.reply", _same_line, _line_refused("REPLY_REJECTED")),
+    # a line dropped before it was said: its reply fails, the cancel that dropped it is done
+    "message.aborted": (Confirmation("bot.reply", _same_line, _line_refused("MESSAGE_ABORTED")),
+                        Confirmation("bot.cancel", _cancelled_line)),
+    "bot.interrupted": Confirmation("bot.cancel", _cancelled_line),
+    "bot.finished": Confirmation("bot.cancel", _cancelled_line),
+    "call.forwarded": Confirmation("call.forward", _same_call),
+    "call.held": Confirmation("call.hold", _same_call),
+    "call.unheld": Confirmation("call.unhold", _same_call),
+    "call.muted": Confirmation("call.mute", _same_call),
+    "call.unmuted": Confirmation("call.unmute", _same_call),
+    "call.started": Confirmation("call.accept", _same_call),
+    "call.rejected": Confirmation("call.reject", _same_call),
 }
+# call.ended / call.error are actions (ProtocolCore._on_call_over): they confirm a
+# call.hangup and fail whatever else waits on that call.
 
 
 # --- the core -----------------------------------------------------------------------------
@@ -473,6 +686,8 @@ class ProtocolCore:
         self._epoch = 0
         self._seq = itertools.count()
         self._control: collections.deque[dict[str, Any]] = collections.deque()
+        #: call_id -> what the core knows of that live call
+        self.calls: dict[str, CallTrack] = {}
         # The events the core acts on, beyond delivering them (confirmations: CONFIRMATIONS).
         self._actions: dict[str, Callable[[Event, AgentState | None], list[Effect]]] = {
             "ping": self._on_ping,
@@ -481,6 +696,9 @@ class ProtocolCore:
             "agent.resumed": self._on_registration_answer,
             "agent.displaced": self._on_displaced,
             "error": self._on_error,
+            "channel.added": self._on_channel_added,
+            "call.ended": self._on_call_over,
+            "call.error": self._on_call_over,
         }
 
     # -- agents and commands (from the application) ----------------------------------------
@@ -502,6 +720,38 @@ class ProtocolCore:
                 frame=channel_frame(agent_id, state.whatsapp), expects_reply=False,
             ))
 
+    def set_phone(self, agent_id: str, ref: str, options: dict[str, Any]) -> None:
+        """Add (or replace) a phone number: sent after every registration, and now if
+        registered (after the commands already queued). Clears an earlier refusal."""
+        state = self.agents[agent_id]
+        phone = PhoneChannel(ref, {k: v for k, v in options.items() if v is not None})
+        state.phones.pop(ref, None)  # re-added: to the end, in the order added
+        state.phones[ref] = phone
+        if state.phase is Phase.REGISTERED:
+            state.outbox.append(Command(
+                seq=next(self._seq), agent_id=agent_id, kind="channel.add",
+                frame=phone_frame(agent_id, ref, phone.options), expects_reply=False,
+            ))
+
+    def is_speaking(self, call_id: str, message_id: str | None = None) -> bool | None:
+        """Whether the bot is saying something on ``call_id`` (that line, with
+        ``message_id``), or a ``bot.reply`` of ours is on its way there; None when the core
+        does not know (a call it has not seen start, nor any line of end)."""
+        track = self.calls.get(call_id)
+        if track is not None and track.speaking is not None and (
+            message_id is None or track.speaking in (message_id, "")
+        ):
+            return True
+        for state in self.agents.values():  # a line of ours on its way (queued, or not started)
+            for cmd in (*state.outbox, *state.inflight):
+                if cmd.kind == "bot.reply" and cmd.call_id == call_id and (
+                    message_id is None or cmd.message_id == message_id
+                ):
+                    return True
+        if track is None or not track.speech_known:
+            return None
+        return False
+
     def submit(
         self,
         agent_id: str,
@@ -510,6 +760,8 @@ class ProtocolCore:
         session_id: str | None = None,
         contact: str | None = None,
         request_id: str | None = None,
+        call_id: str | None = None,
+        message_id: str | None = None,
     ) -> Command:
         """Queue a command; it is sent once its agent is registered. Raises the agent's
         refusal (or displacement) while it has one."""
@@ -519,6 +771,7 @@ class ProtocolCore:
         cmd = Command(
             seq=next(self._seq), agent_id=agent_id, kind=frame["event"], frame=frame,
             session_id=session_id, contact=contact, request_id=request_id,
+            call_id=call_id, message_id=message_id,
         )
         state.outbox.append(cmd)
         return cmd
@@ -577,12 +830,23 @@ class ProtocolCore:
         for state in self.agents.values():
             if state.phase in _LIVE:
                 state.phase = Phase.OFFLINE
+            for phone in state.phones.values():
+                if phone.status == "added":
+                    phone.status = "pending"  # re-added on the next connection
             if state.inflight:
                 effects += self._fail(state, PinecallError(
                     "connection lost after the command was sent; it may or may not have been"
                     " executed, and it is not resent",
                     code="CONNECTION_LOST",
                 ), queued=False)
+        # No call.ended comes for the calls of a lost connection: end them here.
+        calls, self.calls = self.calls, {}
+        for track in calls.values():
+            raw = {"event": "call.ended", "agent_id": track.agent_id, "call_id": track.call_id,
+                   "reason": "connection_lost", "local": True}
+            ended = CallEndedEvent(event="call.ended", agent_id=track.agent_id, call_id=track.call_id,
+                                   reason="connection_lost", local=True, raw=raw)
+            effects.append(Deliver(ended, track.agent_id))
         return effects
 
     def ping(self) -> None:
@@ -652,6 +916,8 @@ class ProtocolCore:
         agent = self.route(ev)
         if ev.agent_id is not None and agent is None:
             logger.debug("event %s for an agent this client does not have: %r", ev.event, ev.agent_id)
+        if ev.event in VOICE_EVENTS:
+            self._track_call(ev, agent)
         action = self._actions.get(ev.event)
         if action is not None:
             return action(ev, agent)
@@ -662,10 +928,15 @@ class ProtocolCore:
         return [Deliver(ev, _id(agent))]
 
     def route(self, ev: Event) -> AgentState | None:
-        """The agent an event belongs to. ``whatsapp.*`` without ``agent_id``: the agent
-        with a WhatsApp channel (or the only agent)."""
+        """The agent an event belongs to. ``agent_id`` as ``org_id:slug`` or slugified
+        names ours too (:func:`resolve_agent`). ``whatsapp.*`` without ``agent_id``: the
+        agent with a WhatsApp channel (or the only agent); a call event without it: the
+        agent whose call it is (if the core saw it)."""
         if ev.agent_id is not None:
-            return self.agents.get(ev.agent_id)
+            return resolve_agent(ev.agent_id, self.agents)
+        call_id = _call_of(ev) if ev.event in VOICE_EVENTS else None
+        if call_id is not None and call_id in self.calls:
+            return self.agents.get(self.calls[call_id].agent_id)
         if ev.event.startswith("whatsapp."):
             for state in self.agents.values():
                 if state.whatsapp is not None and state.phase is not Phase.DISPLACED:
@@ -690,6 +961,10 @@ class ProtocolCore:
         logger.info("agent %r %s", agent.agent_id, "resumed" if resumed else "created")
         if agent.whatsapp is not None:
             self._control.append(channel_frame(agent.agent_id, agent.whatsapp))
+        for phone in agent.phones.values():
+            if phone.status != "refused":
+                phone.status = "pending"
+                self._control.append(phone_frame(agent.agent_id, phone.ref, phone.options))
         agent.phase = Phase.REGISTERED
         return [
             Deliver(ev, agent.agent_id),
@@ -716,14 +991,20 @@ class ProtocolCore:
         return effects
 
     def _on_confirmation(self, ev: Event, agent: AgentState | None) -> list[Effect]:
-        rule = CONFIRMATIONS[ev.event]
-        cmd = rule.match(ev, self._in_flight(agent, rule.command))
-        if cmd is None:
-            return [Deliver(ev, _id(agent))]  # state, or a stale answer: an event only
-        self.agents[cmd.agent_id].inflight.remove(cmd)
-        error = rule.error(ev, cmd)
-        outcome: Effect = Confirm(cmd, ev) if error is None else Reject(cmd, error)
-        return [outcome, Deliver(ev, cmd.agent_id)]
+        rules = CONFIRMATIONS[ev.event]
+        effects: list[Effect] = []
+        owner = _id(agent)
+        for rule in rules if isinstance(rules, tuple) else (rules,):
+            cmd = rule.match(ev, self._in_flight(agent, rule.command))
+            if cmd is None:
+                continue
+            self.agents[cmd.agent_id].inflight.remove(cmd)
+            error = rule.error(ev, cmd)
+            effects.append(Confirm(cmd, ev) if error is None else Reject(cmd, error))
+            if len(effects) == 1:
+                owner = cmd.agent_id  # delivered to the agent of the (first) command it answers
+        # None matched: state, or a stale answer: an event only
+        return [*effects, Deliver(ev, owner)]
 
     def _on_error(self, ev: ErrorEvent, agent: AgentState | None) -> list[Effect]:
         """An ``error`` goes to: the key's refusal (hang up), a registration, the oldest
@@ -739,7 +1020,15 @@ class ProtocolCore:
             elif ev.agent_id is None and registering:
                 target = registering[0]
             return self._on_refusal(target, ev) if target is not None else [Deliver(ev, _id(agent))]
+        if code == "PHONE_IN_USE":
+            return self._on_phone_refused(ev, agent)
         cmds = self._in_flight(agent)
+        if ev.call_id is not None:
+            # About one call: only a command of that call (never an unrelated one).
+            cmds = [c for c in cmds if ev.call_id in (c.call_id, c.session_id)]
+            if not cmds:
+                logger.warning("server error for call %r: %s %s", ev.call_id, code, ev.message)
+                return [Deliver(ev, _id(agent))]
         cmd = None
         if ev.session_id is not None:
             cmd = next((c for c in cmds if c.session_id == ev.session_id), None)
@@ -750,6 +1039,8 @@ class ProtocolCore:
         if cmd is not None:
             self.agents[cmd.agent_id].inflight.remove(cmd)
             err = PinecallError.from_frame(ev.raw)
+            if cmd.call_id is not None:
+                err.message = f"{cmd.describe()}: {err.message}"
             logger.info("%s failed: %s", cmd.describe(), err)
             return [Reject(cmd, err)]
         if agent is not None and agent in registering:
@@ -757,6 +1048,91 @@ class ProtocolCore:
             return self._on_refusal(agent, ev)
         logger.warning("server error: %s %s", code, ev.message)
         return [Deliver(ev, _id(agent))]
+
+    def _on_phone_refused(self, ev: ErrorEvent, agent: AgentState | None) -> list[Effect]:
+        """``PHONE_IN_USE``: another agent holds the number. The channel is forgotten (not
+        re-added) and the agent's ``error`` handlers hear it; no command fails."""
+        ref = ev.phone if ev.phone is not None else ev.get("ref")
+        if agent is None and isinstance(ref, str):
+            agent = next((s for s in self.agents.values() if ref in s.phones), None)
+        if agent is None:
+            logger.warning("server error: %s %s", ev.code, ev.message)
+            return [Deliver(ev, None)]
+        shown = ref if isinstance(ref, str) else "a phone number"
+        err = PinecallError(
+            f"agent {agent.agent_id!r}: {shown} is in use by another agent, so it was not added"
+            f" ({ev.message or 'PHONE_IN_USE'}); add it again once it is free",
+            code="PHONE_IN_USE", frame=ev.raw,
+        )
+        logger.error("%s", err)
+        phone = agent.phones.get(ref) if isinstance(ref, str) else None
+        if phone is not None:
+            phone.status = "refused"
+            phone.error = err
+        report = ErrorEvent(event="error", agent_id=agent.agent_id, code=err.code, message=err.message,
+                            phone=ref if isinstance(ref, str) else None, raw=ev.raw)
+        return [Deliver(report, agent.agent_id)]
+
+    def _on_channel_added(self, ev: Event, agent: AgentState | None) -> list[Effect]:
+        ref = getattr(ev, "ref", None)
+        if agent is not None and ref in agent.phones and getattr(ev, "type", None) in ("phone", None):
+            phone = agent.phones[ref]
+            phone.status, phone.error = "added", None
+        return [Deliver(ev, _id(agent))]
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def _track_call(self, ev: Event, agent: AgentState | None) -> None:
+        """Keep :attr:`calls` up to date with a call event (before it is acted on)."""
+        call_id = _call_of(ev)
+        if call_id is None or ev.event in ("call.ended", "call.error", "call.recording"):
+            return  # an ended call is forgotten by _on_call_over
+        if ev.event in ("call.rejected", "credits.rejected"):
+            self.calls.pop(call_id, None)  # it never connected and is over
+            return
+        track = self.calls.get(call_id)
+        if track is None:
+            if agent is None:
+                return
+            track = self.calls[call_id] = CallTrack(call_id, agent.agent_id)
+        if ev.event in ("call.ringing", "call.dialing", "call.started"):
+            track.speech_known = True  # a call starts silent
+        message_id = getattr(ev, "message_id", None)
+        if ev.event == "bot.speaking":
+            track.speaking, track.speech_known = message_id or "", True
+        elif ev.event in ("bot.finished", "bot.interrupted"):
+            if message_id is None or track.speaking in (message_id, ""):
+                track.speaking = None
+            track.speech_known = True
+        elif ev.event == "call.forwarded":
+            track.speaking = None  # the call left Pinecall
+
+    def _on_call_over(self, ev: Event, agent: AgentState | None) -> list[Effect]:
+        """``call.ended`` / ``call.error``: the call is forgotten; a ``call.hangup`` (and a
+        ``bot.cancel``) of it is confirmed, every other command of it still waiting fails
+        (``CALL_ENDED``; for ``call.error`` its ``code``, else ``CALL_ERROR``)."""
+        call_id = _call_of(ev)
+        track = self.calls.pop(call_id, None) if call_id else None
+        if agent is None and track is not None:
+            agent = self.agents.get(track.agent_id)
+        effects: list[Effect] = []
+        if call_id is not None:
+            for cmd in self._in_flight(agent):
+                if cmd.call_id != call_id:
+                    continue
+                self.agents[cmd.agent_id].inflight.remove(cmd)
+                if (cmd.kind == "call.hangup" and ev.event == "call.ended") or cmd.kind == "bot.cancel":
+                    effects.append(Confirm(cmd, ev))  # over, and nothing is said any more
+                    continue
+                reason = getattr(ev, "reason", None) or getattr(ev, "error", None)
+                effects.append(Reject(cmd, PinecallError(
+                    f"{cmd.describe()}: the call ended" + (f" ({reason})" if reason else "")
+                    + " before it was confirmed",
+                    code="CALL_ENDED" if ev.event == "call.ended" else (getattr(ev, "code", None) or "CALL_ERROR"),
+                    frame=ev.raw,
+                )))
+        effects.append(Deliver(ev, _id(agent)))
+        return effects
 
     # -- registration -----------------------------------------------------------------------
 

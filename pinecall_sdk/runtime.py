@@ -107,6 +107,10 @@ class Runtime:
         self.core.set_whatsapp(agent_id, whatsapp)
         self.conn.wake()
 
+    def set_phone(self, agent_id: str, ref: str, options: dict[str, Any]) -> None:
+        self.core.set_phone(agent_id, ref, options)
+        self.conn.wake()
+
     def reregister(self, agent_id: str) -> None:
         self.apply(self.core.reregister(agent_id))
 
@@ -124,10 +128,15 @@ class Runtime:
         contact: str | None,
         timeout: float | None,
         request_id: str | None = None,
+        call_id: str | None = None,
+        message_id: str | None = None,
     ) -> Event:
         """Queue a command, wait for its confirmation (``timeout``: None, the client's)."""
         self.raise_if_unusable()
-        cmd = self.core.submit(agent_id, frame, session_id=session_id, contact=contact, request_id=request_id)
+        cmd = self.core.submit(
+            agent_id, frame, session_id=session_id, contact=contact, request_id=request_id,
+            call_id=call_id, message_id=message_id,
+        )
         fut = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_mark_retrieved)
         self._calls[cmd] = fut

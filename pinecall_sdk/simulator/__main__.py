@@ -19,12 +19,22 @@ log = logging.getLogger("pinecall_sdk.simulator")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m pinecall_sdk.simulator",
-        description="A local Pinecall server simulator (WhatsApp + human takeover).",
+        description="A local Pinecall server simulator (WhatsApp, phone calls, human takeover).",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 = any free)")
     p.add_argument("--demo", action="store_true",
-                   help="simulated customers write in as soon as a WhatsApp agent connects")
+                   help="simulated customers write in as soon as a WhatsApp agent connects, and "
+                        "callers ring the phone numbers the client adds (the first within a few "
+                        "seconds, then about every --call-interval seconds)")
+    p.add_argument("--demo-speed", type=float, default=1.0,
+                   help="demo timing factor, > 1 is faster (default 1)")
+    p.add_argument("--call-interval", type=float, default=60.0,
+                   help="seconds between demo phone calls (default 60)")
+    p.add_argument("--voice-pace", type=float, default=0.3,
+                   help="seconds per spoken word in calls (default 0.3)")
+    p.add_argument("--call-idle-timeout", type=float, default=30.0,
+                   help="seconds of silence before a call ends (default 30)")
     p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="accepted API key (repeatable; default: accept any non-empty key)")
     p.add_argument("--ai-delay", type=float, default=0.4,
@@ -53,6 +63,10 @@ async def serve(args: argparse.Namespace) -> None:
         on_duplicate_agent=args.on_duplicate_agent,
         capacity=args.capacity,
         demo=args.demo,
+        demo_speed=args.demo_speed,
+        demo_call_interval=args.call_interval,
+        voice_pace=args.voice_pace,
+        call_idle_timeout=args.call_idle_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

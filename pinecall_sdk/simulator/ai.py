@@ -16,6 +16,7 @@ even in a session with thousands of messages.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from .state import Session
 
@@ -219,3 +220,75 @@ def _answer(intent: str, topic: str | None, name: str, order: str, text: str, ty
                 "Could you tell me briefly what it is about?")
     return (f"Thanks, {name}. Just to be sure I understand: \"{_snippet(text, 60)}\". "
             "Could you give me a bit more detail, or your order number if it's about an order?")
+
+
+# --------------------------------------------------------------------------- voice
+
+
+def compose_voice_reply(call: Any, text: str) -> tuple[str, dict[str, Any] | None]:
+    """The AI's spoken answer to the caller's latest line, and the tool it calls first
+    (``{"name", "arguments"}``) or None. Short sentences, nothing to read out (no links).
+
+    ``call`` needs ``ai_memory`` (a dict); the replies follow the same intents as the
+    WhatsApp ones, and an order number the caller gave is looked up with a tool call.
+    """
+    memory = call.ai_memory
+    topic = memory.get("topic")
+    number = _ORDER_NO.search(text or "")
+    if number and ("order" in text.lower() or topic == "ask_order"
+                   or text.strip(" #.") == number.group(1)):
+        memory["order_no"] = number.group(1)
+    else:
+        number = None
+    intent = detect_intent(text or "")
+    if intent == "other" and number:
+        intent = "order"
+    memory["topic"] = intent
+    tool: dict[str, Any] | None = None
+
+    if intent == "human":
+        reply = ("Of course. I'm letting a colleague know that you'd like to speak to a person. "
+                 "Please stay on the line.")
+    elif intent == "order" or (intent in ("address", "other") and number):
+        order_no = memory.get("order_no")
+        if order_no is None:
+            memory["topic"] = "ask_order"
+            reply = "I can check that for you. What is your order number?"
+        elif intent == "address":
+            reply = (f"I can still change the delivery address of order {order_no}. "
+                     "What address should we use?")
+        else:
+            tool = {"name": "lookup_order", "arguments": {"order_id": order_no}}
+            reply = (f"I've found order {order_no}. It left our warehouse yesterday and should "
+                     "arrive within one or two business days.")
+    elif intent == "address":
+        reply = "No problem, I can still change the delivery address. What address should we use?"
+    elif intent == "billing":
+        tool = {"name": "lookup_billing", "arguments": {}}
+        reply = ("I can see two charges this month; the second one is a duplicate and I've "
+                 "asked for it to be refunded.")
+    elif intent == "refund":
+        reply = "Refunds go back to your original payment method within five to seven business days."
+    elif intent == "damaged":
+        reply = "I'm sorry about that. I can send you a replacement today or refund you in full."
+    elif intent == "replacement":
+        reply = "Done, a replacement ships today. You'll get the tracking details by email."
+    elif intent == "cancel":
+        reply = "I can cancel it as long as it hasn't shipped yet. Shall I go ahead?"
+    elif intent == "bye":
+        reply = "Thanks for calling. Goodbye!"
+    elif intent == "thanks":
+        memory["topic"] = topic
+        reply = "You're welcome! Is there anything else I can help you with?"
+    elif intent == "greeting":
+        reply = "Hi, thanks for calling. How can I help you today?"
+    elif intent in ("yes", "no"):
+        memory["topic"] = topic
+        reply = "All right. Anything else I can do for you?"
+    elif topic == "address":
+        memory["topic"] = "address"
+        reply = f"Thanks, I've changed the delivery address to {_snippet(text, 60)}."
+    else:
+        memory["topic"] = topic
+        reply = "Sorry, could you tell me a bit more? If it's about an order, the order number helps."
+    return reply, tool

@@ -10,6 +10,13 @@ and a bit later the customer comes back with another script.
 
 Demo sessions use ``min(sim.idle_timeout, sim.demo_idle_timeout)`` (3 minutes
 by default) so that ended conversations show up too.
+
+Phone calls (:func:`run_voice_demo`): the demo registers no number itself. Once a
+connected agent has added a phone number (``channel.add`` type phone), a first
+caller rings within a few seconds, then another every ``demo_call_interval``
+(about a minute), in turn: an order status, a caller who asks for a person (and
+then waits on the line, silent, for someone to do something), and one who talks
+over the bot.
 """
 
 from __future__ import annotations
@@ -87,6 +94,39 @@ CUSTOMERS = [
 ]
 
 NUDGES = ["Hello? Is anyone there?", "Hi? Still waiting for an answer", "??"]
+
+#: Phone callers: (from number, script); see ``state.parse_script``.
+VOICE_SCRIPTS: dict[str, list] = {
+    "order_status": [
+        "Hi, I'm calling about my order, it still hasn't arrived",
+        "The order number is 48213",
+        "Great, thank you so much. Bye!",
+        {"hangup": True},
+    ],
+    "wants_a_person": [  # about a minute and a half for someone to take the call
+        "Hello, I've been charged twice for my subscription",
+        "Can I talk to a real person?",
+        {"silence": 15.0},
+        "Hello? Is anyone there?",
+        {"silence": 15.0},
+        "I'll stay on the line, but I really want to speak to someone",
+        {"silence": 15.0},
+        "Hello?",
+    ],
+    "talks_over": [
+        "Hi, I want to change the delivery address of my order 51877",
+        {"say": "Sorry, sorry, it's for the delivery on Thursday", "barge_in": 4},
+        "Calle Mayor 12, Madrid",
+        "Perfect, thanks. Bye!",
+        {"hangup": True},
+    ],
+}
+
+CALLERS = [
+    ("+14155550123", "order_status"),
+    ("+447700900123", "wants_a_person"),
+    ("+34612345678", "talks_over"),
+]
 
 
 async def run_demo(
@@ -183,3 +223,38 @@ async def _wait_for_answer(sim: "Simulator", session_id: str | None, timeout: fl
             return "answered"
         await asyncio.sleep(0.25)
     return "silence"
+
+
+async def run_voice_demo(
+    sim: "Simulator", *, interval: float = 60.0, speed: float = 1.0, rng: random.Random | None = None
+) -> None:
+    """Place demo phone calls until cancelled: the first a few seconds after a connected
+    agent added a phone number, then one every ``interval`` seconds or so (``speed`` > 1:
+    sooner). Calls go to the numbers the client added; the demo adds none."""
+    rng = rng or random.Random()
+    turn = 0
+    delay = rng.uniform(2.0, 4.0)
+    while True:
+        number = await _wait_for_phone(sim)
+        log.info("demo: phone number %s is taken, a call comes in %.1f s", number, delay / speed)
+        await asyncio.sleep(delay / speed)
+        numbers = sim.phone_numbers()
+        if not numbers:
+            delay = rng.uniform(2.0, 4.0)  # the agent left meanwhile: start over when it is back
+            continue
+        caller, script = CALLERS[turn % len(CALLERS)]
+        to = number if number in numbers else next(iter(numbers))
+        try:
+            await sim.place_call(to=to, from_=caller, script=VOICE_SCRIPTS[script])
+            turn += 1
+        except Exception:  # the demo must never take the server down
+            log.exception("demo: the call from %s could not be placed", caller)
+        delay = interval * rng.uniform(0.8, 1.2)
+
+
+async def _wait_for_phone(sim: "Simulator") -> str:
+    while True:
+        numbers = sim.phone_numbers()
+        if numbers:
+            return next(iter(numbers))
+        await asyncio.sleep(0.1)

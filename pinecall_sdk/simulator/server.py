@@ -1,8 +1,10 @@
 """The simulated Pinecall server: WebSocket endpoint, command routing, events.
 
 It follows ``/work/shared/pinecall-protocol.md`` (the WhatsApp and
-human-takeover part of the Pinecall wire protocol). Where that document is
-silent, the simulator makes the choices below. They are behaviour of this
+human-takeover part of the Pinecall wire protocol) and
+``/work/shared/pinecall-voice-protocol.md`` (phone calls, on the same
+connection; how a call plays out is in ``voice.py``). Where those documents
+are silent, the simulator makes the choices below. They are behaviour of this
 simulator, not facts about the real server.
 
 Our choices
@@ -27,7 +29,8 @@ Our choices
   the buffer holds at most ``max_buffer`` events, oldest dropped first).
   Events for an agent id that never registered are buffered the same way.
 * Only *events* are buffered and replayed: ``whatsapp.*``, ``session.paused``
-  and ``session.resumed`` (which are state). Replies to a command
+  and ``session.resumed`` (which are state). A call's frames are sent live only:
+  a call ends with its agent's connection, so nothing of it is kept or replayed. Replies to a command
   (``session.sent``, ``error``, ``pong``, ``agent.*``) go to the connection that
   sent it and are neither buffered nor replayed.
 * Displacement: the old connection gets ``agent.displaced`` (reason
@@ -37,9 +40,29 @@ Our choices
 * Capacity counts agents currently held by a live connection.
 * ``channel.add`` is answered by ``channel.added`` (``agent_id``, ``type``,
   ``ref``), as the JavaScript SDK expects; it is validated first (``type`` must
-  be "whatsapp", ``ref`` and ``accessToken`` non-empty strings, ``verifyToken``
-  / ``appSecret`` / ``phone`` strings when present) and repeated adds replace
-  the channel.
+  be "whatsapp" or "phone"; for WhatsApp ``ref`` and ``accessToken`` non-empty
+  strings, ``verifyToken`` / ``appSecret`` / ``phone`` strings when present)
+  and repeated adds replace the channel.
+* Phone numbers: ``channel.add`` with ``type: "phone"`` and ``ref`` an E.164
+  number or a ``sip:`` URI (else INVALID_COMMAND); ``ringing`` a boolean,
+  ``language`` a string, ``config`` an object, ``voice`` / ``stt`` / ``llm`` a
+  string or an object, when present. An agent may add several numbers. A number
+  another *connected* agent holds is refused with ``error`` ``PHONE_IN_USE``
+  (``phone``, ``agent_id``); an offline agent's number moves to the new one.
+  Calls come only to numbers added this way (``place_call``); a number whose
+  agent is offline gets no call (the call is recorded as ended, reason
+  ``agent_offline``, and nothing is sent, as the real server hangs those up).
+* Per-call commands (``bot.reply``, ``bot.cancel``, ``call.forward``,
+  ``call.hold`` / ``call.unhold``, ``call.mute`` / ``call.unmute``,
+  ``call.hangup``) name the call by ``call_id`` (no ``agent_id``): a call
+  that is unknown, of an agent not on this connection, or already ended is
+  ``error`` ``CALL_NOT_FOUND`` with ``call_id`` (and the call's ``agent_id``
+  when it has one); a call still ringing is INVALID_COMMAND. ``call.accept`` /
+  ``call.reject`` (with ``agent_id``, ``reason`` "busy" or "rejected") answer a
+  ringing call only. ``call.forward`` needs ``to`` (E.164 or ``sip:``);
+  ``bot.reply`` needs ``text`` and ``message_id`` (non-empty strings),
+  ``in_reply_to`` a string and ``add_to_history`` a boolean when present. Their
+  answers: see ``voice.py``.
 * ``history.get`` / ``history.set`` / ``history.add`` name the session by
   ``call_id`` (a WhatsApp ``session_id``) and are answered by ``history.data``
   (``messages``: the session's chat history, ``{role, content}``, customer
@@ -92,7 +115,9 @@ Our choices
   failure inside the simulator itself answers ``INTERNAL_ERROR`` and keeps
   the connection.
 * Demo sessions (``demo=True``) end after ``min(idle_timeout,
-  demo_idle_timeout)`` (3 minutes by default); see ``demo.py``.
+  demo_idle_timeout)`` (3 minutes by default); see ``demo.py``. The demo also
+  places a phone call every ``demo_call_interval`` seconds or so (the first a
+  few seconds after a connected agent added a phone number).
 """
 
 from __future__ import annotations
@@ -113,12 +138,18 @@ from .state import (
     END_REASONS,
     MESSAGE_TYPES,
     AgentState,
+    Call,
     Session,
+    is_phone_ref,
+    new_call_id,
     new_session_id,
     new_wamid,
     normalize_phone,
+    parse_script,
     utcnow,
 )
+from .demo import run_demo, run_voice_demo
+from .voice import CallPlayer
 
 log = logging.getLogger("pinecall_sdk.simulator")
 
@@ -187,6 +218,7 @@ class _Connection:
             data = _dumps(frame) if text is None else text
         self._queue.put_nowait(data)
         self.sim.sent.append(frame)
+        self.sim._notify()
 
     def close(self, code: int, reason: str) -> None:
         """Send what is queued, then close with ``code`` / ``reason``."""
@@ -254,6 +286,13 @@ class Simulator:
     agent), ``inject()`` (any frame, hostile ones included: a str sent verbatim,
     bytes as a binary frame), ``close_connections()`` (clean close with a code) and
     ``customer_says(..., idle_timeout=)`` (per-session override).
+
+    Voice: ``place_call()`` (a caller rings a number an agent added), ``calls`` (the
+    server's record of every call), ``caller_says()`` (one more line of the caller,
+    now), ``end_call()`` (the caller hangs up), ``call_player()``,
+    ``wait_sent()`` (like ``wait_for``, on the frames sent); ``voice_pace`` (seconds
+    per word, 0 in tests), ``call_idle_timeout``, ``call_max_duration``,
+    ``ring_timeout``, ``demo_call_interval``.
     """
 
     def __init__(
@@ -275,6 +314,11 @@ class Simulator:
         demo_speed: float = 1.0,
         max_buffer: int = 100_000,
         auth_timeout: float = AUTH_TIMEOUT,
+        voice_pace: float = 0.3,
+        call_idle_timeout: float = 30.0,
+        call_max_duration: float = 1800.0,
+        ring_timeout: float = 5.0,
+        demo_call_interval: float = 60.0,
     ) -> None:
         if on_duplicate_agent not in ("displace", "conflict"):
             raise ValueError("on_duplicate_agent must be 'displace' or 'conflict'")
@@ -294,6 +338,11 @@ class Simulator:
         self.demo_speed = demo_speed
         self.max_buffer = max_buffer
         self.auth_timeout = auth_timeout
+        self.voice_pace = voice_pace
+        self.call_idle_timeout = call_idle_timeout
+        self.call_max_duration = call_max_duration
+        self.ring_timeout = ring_timeout
+        self.demo_call_interval = demo_call_interval
 
         #: Every frame received from clients, in order, parsed ({"_raw": text} if not an object).
         self.received: list[dict[str, Any]] = []
@@ -303,6 +352,8 @@ class Simulator:
         self.sessions: dict[str, Session] = {}
         #: recipient phone -> last status it reaches ("sent", "delivered", "read" or "failed").
         self.receipt_limits: dict[str, str] = {}
+        #: call_id -> Call (ended ones stay, with ``state == "ended"``).
+        self.calls: dict[str, Call] = {}
 
         self._agents: dict[str, AgentState] = {}
         self._active: dict[tuple[str, str], Session] = {}  # (agent_id, phone) -> live session
@@ -313,6 +364,8 @@ class Simulator:
         self._waiters: list[asyncio.Future[None]] = []
         self._server: Server | None = None
         self._demo_task: asyncio.Task[None] | None = None
+        self._voice_demo_task: asyncio.Task[None] | None = None
+        self._players: dict[str, CallPlayer] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands = {
             "connect": self._cmd_connect,
@@ -326,6 +379,16 @@ class Simulator:
             "history.get": self._cmd_history_get,
             "history.set": self._cmd_history_set,
             "history.add": self._cmd_history_add,
+            "bot.reply": self._cmd_bot_reply,
+            "bot.cancel": self._cmd_bot_cancel,
+            "call.forward": self._cmd_call_forward,
+            "call.hold": self._cmd_call_hold,
+            "call.unhold": self._cmd_call_unhold,
+            "call.mute": self._cmd_call_mute,
+            "call.unmute": self._cmd_call_unmute,
+            "call.hangup": self._cmd_call_hangup,
+            "call.accept": self._cmd_call_accept,
+            "call.reject": self._cmd_call_reject,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -344,10 +407,12 @@ class Simulator:
         )
         log.info("Pinecall simulator listening on %s%s", self.url, CLIENT_PATH)
         if self.demo:
-            from .demo import run_demo
-
             self._demo_task = asyncio.create_task(
                 run_demo(self, speed=self.demo_speed), name="sim-demo"
+            )
+            self._voice_demo_task = asyncio.create_task(
+                run_voice_demo(self, interval=self.demo_call_interval, speed=self.demo_speed),
+                name="sim-voice-demo",
             )
         return self
 
@@ -355,10 +420,18 @@ class Simulator:
         if self._server is None:
             return
         server, self._server = self._server, None
-        if self._demo_task is not None:
-            self._demo_task.cancel()
-            await asyncio.gather(self._demo_task, return_exceptions=True)
-            self._demo_task = None
+        for name in ("_demo_task", "_voice_demo_task"):
+            task = getattr(self, name)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                setattr(self, name, None)
+        call_tasks = []
+        for player in list(self._players.values()):
+            call_tasks += player.tasks
+            player.end("simulator_stopped", notify=False)
+        if call_tasks:
+            await asyncio.wait(call_tasks, timeout=2)  # cancelled: they end at once
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -456,7 +529,14 @@ class Simulator:
                 agent.conn = None
                 agent.dropped_at = now
                 log.info("agent %s offline (was on %s)", agent_id, conn.name)
+                self._end_calls_of(agent_id)
         conn.agents.clear()
+
+    def _end_calls_of(self, agent_id: str) -> None:
+        """The agent's connection went away: its calls end, and no call.ended is sent."""
+        for player in list(self._players.values()):
+            if player.call.agent_id == agent_id and not player.call.ended:
+                player.end("agent_disconnected", notify=False)
 
     def _record(self, conn: _Connection, message: str | bytes) -> dict[str, Any]:
         if isinstance(message, bytes):
@@ -468,12 +548,16 @@ class Simulator:
         if log.isEnabledFor(logging.INFO):
             log.info("%s <- %s", conn.name, _short(text))
         self.received.append(frame)
+        self._notify()
+        return frame
+
+    def _notify(self) -> None:
+        """Wake ``wait_for`` / ``wait_sent``: a frame was received or sent."""
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
-        return frame
 
     def _on_message(self, conn: _Connection, message: str | bytes) -> None:
         frame = self._record(conn, message)
@@ -517,6 +601,15 @@ class Simulator:
             log.warning("agent %s: offline buffer full, oldest event dropped", agent_id)
         elif log.isEnabledFor(logging.INFO):
             log.info("agent %s offline, buffered: %s", agent_id, _short(text))
+
+    def _deliver_live(self, agent_id: str, frame: dict[str, Any]) -> None:
+        """A call's frame: to the agent's connection now, or nowhere. Calls are live media:
+        they end with their connection, and their frames are neither kept nor replayed."""
+        agent = self._agents.get(agent_id)
+        if agent is not None and agent.conn is not None:
+            agent.conn.send(frame)
+        else:
+            log.info("agent %s offline, call frame dropped: %s", agent_id, _short(_dumps(frame)))
 
     # ------------------------------------------------------------------ commands
 
@@ -625,8 +718,12 @@ class Simulator:
     def _cmd_channel_add(self, conn: _Connection, frame: dict[str, Any]) -> None:
         agent = self._own_agent(conn, frame)
         aid = agent.agent_id
+        if frame.get("type") == "phone":
+            self._add_phone(conn, agent, frame)
+            return
         if frame.get("type") != "whatsapp":
-            raise CommandError("INVALID_COMMAND", 'channel type must be "whatsapp"', agent_id=aid)
+            raise CommandError("INVALID_COMMAND", 'channel type must be "whatsapp" or "phone"',
+                               agent_id=aid)
         for key in ("ref", "accessToken"):
             if not isinstance(frame.get(key), str) or not frame[key]:
                 raise CommandError("INVALID_COMMAND", f"channel.add needs {key}", agent_id=aid)
@@ -636,6 +733,114 @@ class Simulator:
         log.info("agent %s: WhatsApp channel %s added", aid, frame["ref"])
         conn.send({"event": "channel.added", "agent_id": aid, "type": "whatsapp",
                    "ref": frame["ref"]})
+
+    _PHONE_OPTIONS: dict[str, tuple[type, ...]] = {
+        "ringing": (bool,), "language": (str,), "config": (dict,),
+        "voice": (str, dict), "stt": (str, dict), "llm": (str, dict),
+    }
+
+    def _add_phone(self, conn: _Connection, agent: AgentState, frame: dict[str, Any]) -> None:
+        aid = agent.agent_id
+        ref = frame.get("ref")
+        if not is_phone_ref(ref):
+            raise CommandError("INVALID_COMMAND",
+                               "a phone channel's ref must be an E.164 number or a sip: URI",
+                               agent_id=aid)
+        for key, kinds in self._PHONE_OPTIONS.items():
+            if key in frame and not isinstance(frame[key], kinds):
+                raise CommandError("INVALID_COMMAND", f"channel.add: bad {key}", agent_id=aid)
+        for other in self._agents.values():
+            if other is agent or ref not in other.phones:
+                continue
+            if other.conn is not None:
+                raise CommandError(
+                    "PHONE_IN_USE", f"{ref} is in use by another agent", agent_id=aid, phone=ref,
+                )
+            del other.phones[ref]  # its agent is gone: the number moves over
+        agent.phones[ref] = {k: v for k, v in frame.items() if k != "event"}
+        log.info("agent %s: phone number %s added", aid, ref)
+        conn.send({"event": "channel.added", "agent_id": aid, "type": "phone", "ref": ref})
+
+    # -- voice: per-call commands (call_id, no agent_id)
+
+    def _player(self, conn: _Connection, frame: dict[str, Any], *, ringing: bool = False) -> CallPlayer:
+        """The live call a per-call command names (``ringing``: a call still ringing)."""
+        call_id = frame.get("call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise CommandError("INVALID_COMMAND", f"{frame['event']} needs call_id")
+        player = self._players.get(call_id)
+        if player is None or player.call.agent_id not in conn.agents:
+            raise CommandError("CALL_NOT_FOUND", f"no call {call_id!r} for this connection's agents",
+                               call_id=call_id)
+        call = player.call
+        if call.ended:
+            raise CommandError("CALL_NOT_FOUND", f"call {call_id!r} has ended ({call.end_reason})",
+                               call_id=call_id, agent_id=call.agent_id)
+        if ringing and call.state != "ringing":
+            raise CommandError("CALL_NOT_FOUND", f"call {call_id!r} is not ringing",
+                               call_id=call_id, agent_id=call.agent_id)
+        if not ringing and call.state == "ringing":
+            raise CommandError("INVALID_COMMAND", f"call {call_id!r} is still ringing (call.accept it)",
+                               call_id=call_id, agent_id=call.agent_id)
+        return player
+
+    def _cmd_bot_reply(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        player = self._player(conn, frame)
+        call_id = player.call.id
+        for key in ("message_id", "text"):
+            value = frame.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise CommandError("INVALID_COMMAND", f"bot.reply needs {key} (a non-empty string)",
+                                   call_id=call_id)
+        in_reply_to = frame.get("in_reply_to", "")
+        add_to_history = frame.get("add_to_history", False)
+        if not isinstance(in_reply_to, str) or not isinstance(add_to_history, bool):
+            raise CommandError("INVALID_COMMAND", "bot.reply: in_reply_to is a string and "
+                               "add_to_history a boolean", call_id=call_id)
+        player.reply(frame["message_id"], frame["text"], in_reply_to, add_to_history)
+
+    def _cmd_bot_cancel(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        player = self._player(conn, frame)
+        message_id = frame.get("message_id")
+        if message_id is not None and not isinstance(message_id, str):
+            raise CommandError("INVALID_COMMAND", "bot.cancel: message_id is a string",
+                               call_id=player.call.id)
+        player.cancel(message_id or None)
+
+    def _cmd_call_forward(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        player = self._player(conn, frame)
+        if not is_phone_ref(frame.get("to")):
+            raise CommandError("INVALID_COMMAND", "call.forward needs to (an E.164 number or a sip: URI)",
+                               call_id=player.call.id)
+        player.forward(frame["to"])
+
+    def _cmd_call_hold(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        self._player(conn, frame).hold(True)
+
+    def _cmd_call_unhold(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        self._player(conn, frame).hold(False)
+
+    def _cmd_call_mute(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        self._player(conn, frame).mute(True)
+
+    def _cmd_call_unmute(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        self._player(conn, frame).mute(False)
+
+    def _cmd_call_hangup(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        self._player(conn, frame).end("client_hangup")
+
+    def _cmd_call_accept(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        self._own_agent(conn, frame)
+        self._player(conn, frame, ringing=True).answer(True)
+
+    def _cmd_call_reject(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        self._own_agent(conn, frame)
+        player = self._player(conn, frame, ringing=True)
+        reason = frame.get("reason", "rejected")
+        if reason not in ("busy", "rejected"):
+            raise CommandError("INVALID_COMMAND", 'call.reject: reason is "busy" or "rejected"',
+                               call_id=player.call.id)
+        player.answer(False, reason)
 
     # -- per-session requests (history.*): correlated by call_id and an echoed request_id
 
@@ -995,6 +1200,87 @@ class Simulator:
         if not session.ended:
             self._end(session, reason)
 
+    # ------------------------------------------------------------------ voice calls
+
+    def phone_numbers(self, *, connected: bool = True) -> dict[str, str]:
+        """Number -> agent id, for every phone channel added (``connected``: of agents
+        on a live connection only)."""
+        return {
+            ref: agent.agent_id
+            for agent in self._agents.values()
+            if agent.conn is not None or not connected
+            for ref in agent.phones
+        }
+
+    async def place_call(
+        self,
+        to: str | None = None,
+        from_: str = "+14155550123",
+        script: Any = (),
+        *,
+        language: str = "en",
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
+        """A caller rings ``to``, a number an agent added with ``channel.add`` type phone
+        (None: the first number of a connected agent), and follows ``script`` (see
+        ``state.parse_script``). Returns the call id at once; the call plays out in the
+        background (``calls[call_id]`` follows it).
+
+        Raises ``ValueError`` for a number no agent added, or a bad ``from_``/script.
+        A number whose agent is offline gets the call hung up at once (recorded, ended
+        with reason ``agent_offline``; nothing is sent).
+        """
+        steps = parse_script(script)
+        if not is_phone_ref(from_):
+            raise ValueError(f"from_ must be an E.164 number or a sip: URI, not {from_!r}")
+        numbers = self.phone_numbers(connected=False)
+        if to is None:
+            live = self.phone_numbers()
+            if not live:
+                raise ValueError("no connected agent has added a phone number (channel.add type phone)")
+            to = next(iter(live))
+        ref = to if to in numbers else next(
+            (r for r in numbers if normalize_phone(r) and normalize_phone(r) == normalize_phone(to)), None)
+        if ref is None:
+            raise ValueError(f"no agent added the number {to!r} (channel.add type phone)")
+        agent = self._agents[numbers[ref]]
+        call = Call(
+            id=new_call_id(self.calls), agent_id=agent.agent_id, from_=from_, to=ref, script=steps,
+            language=language, metadata=dict(metadata or {}),
+            ringing=bool(agent.phones[ref].get("ringing")),
+        )
+        self.calls[call.id] = call
+        player = self._players[call.id] = CallPlayer(self, call)
+        if agent.conn is None:
+            log.warning("call %s to %s: agent %s is offline, hung up", call.id, ref, agent.agent_id)
+            player.end("agent_offline", notify=False)
+            return call.id
+        log.info("call %s from %s to %s (agent %s)", call.id, from_, ref, agent.agent_id)
+        player.start()
+        return call.id
+
+    async def caller_says(self, call_id: str, text: str, *, barge_in: int | None = None) -> None:
+        """The caller says ``text`` now, outside its script, as a script line would (it
+        waits until the bot is silent, or talks over the AI's last answer after
+        ``barge_in`` words; while held it waits for ``call.unhold``; while muted it is only
+        collected). Returns once the line is said (the AI's answer, if any, follows)."""
+        player = self._players[call_id]
+        if player.call.state != "live":
+            raise ValueError(f"call {call_id!r} is not live ({player.call.state})")
+        step = parse_script([{"say": text, "barge_in": barge_in} if barge_in is not None else text])[0]
+        task = player.spawn(player.caller_line(step), f"{call_id}-says")
+        await asyncio.wait((task,))  # a call that ends meanwhile cancels the line, not us
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+
+    async def end_call(self, call_id: str, reason: str = "hangup") -> None:
+        """The caller hangs up now (``call.ended`` with ``reason``); no-op if it ended."""
+        self._players[call_id].end(reason)
+
+    def call_player(self, call_id: str) -> CallPlayer:
+        """The player of a call (what the bot is saying: ``lines``)."""
+        return self._players[call_id]
+
     # ------------------------------------------------------------------ inspection
 
     def session_history(self, session_id: str) -> list[dict[str, str]]:
@@ -1044,6 +1330,32 @@ class Simulator:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"no frame event={event!r} {match!r} within {timeout} s")
+            fut = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                pass
+
+    async def wait_sent(
+        self, event: str | None = None, timeout: float = 5.0, after: int = 0, **match: Any
+    ) -> dict[str, Any]:
+        """Like :meth:`wait_for`, for the frames the simulator sent (``sent``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        index = after
+        while True:
+            sent = self.sent
+            while index < len(sent):
+                frame = sent[index]
+                index += 1
+                if event is not None and frame.get("event") != event:
+                    continue
+                if all(k in frame and frame[k] == v for k, v in match.items()):
+                    return frame
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no sent frame event={event!r} {match!r} within {timeout} s")
             fut = loop.create_future()
             self._waiters.append(fut)
             try:

@@ -1,4 +1,4 @@
-"""Server-side state of the simulator: agents, sessions, pauses, history.
+"""Server-side state of the simulator: agents, sessions, pauses, history, calls.
 
 Nothing in here does I/O. The server module (``server.py``) owns the sockets
 and timers and calls into these classes; keeping them free of networking makes
@@ -13,12 +13,13 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable
 
 MESSAGE_TYPES = frozenset({"text", "audio", "image", "video", "document"})
 END_REASONS = frozenset({"idle_timeout", "window_expired"})
 
 _NON_DIGITS = re.compile(r"\D")
+_E164 = re.compile(r"\+[0-9]{7,15}")
 
 
 def utcnow() -> datetime:
@@ -51,6 +52,141 @@ def new_session_id(taken: dict[str, Any] | None = None) -> str:
 def new_wamid() -> str:
     """A WhatsApp-style message id (``wamid.`` + 32 random upper-case hex digits)."""
     return "wamid." + secrets.token_hex(16).upper()
+
+
+def is_phone_ref(ref: Any) -> bool:
+    """A phone channel's ``ref`` / a forward target: E.164 (``+`` and 7-15 digits) or ``sip:``."""
+    if not isinstance(ref, str):
+        return False
+    if ref.startswith("sip:"):
+        return len(ref) > 4 and not any(c.isspace() for c in ref)
+    return _E164.fullmatch(ref) is not None
+
+
+def new_call_id(taken: dict[str, Any] | None = None) -> str:
+    """A Twilio-style call id: ``CA`` + 32 lowercase hex digits."""
+    while True:
+        call_id = "CA" + secrets.token_hex(16)
+        if not taken or call_id not in taken:
+            return call_id
+
+
+def new_message_id(prefix: str = "msg") -> str:
+    """A voice message id (``msg_…`` for the bot's lines, ``um_…`` for the caller's)."""
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+# --- voice calls --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a caller's script (see :func:`parse_script`)."""
+
+    say: str | None = None
+    barge_in: int | None = None  # talk over the bot's reply after this many of its words
+    silence: float = 0.0  # seconds without a word
+    hangup: bool = False
+
+
+def parse_script(script: Iterable[Any]) -> list[Step]:
+    """A caller's script: each item is
+
+    * ``"text"`` or ``{"say": "text"}``: the caller says it (and waits for the reply);
+    * ``{"say": "text", "barge_in": n}``: the caller talks over the bot's reply to the
+      previous line after ``n`` of its words (``barge_in`` + ``bot.interrupted``);
+    * ``{"silence": seconds}``: the caller says nothing for that long;
+    * ``{"hangup": True}``: the caller hangs up (``call.ended`` reason ``hangup``).
+
+    After the last step the caller stays on the line, silent (the idle timeout ends
+    the call, unless a command or :meth:`Simulator.end_call` does first).
+    """
+    steps: list[Step] = []
+    for item in script:
+        if isinstance(item, str):
+            if not item.strip():
+                raise ValueError("a script line must not be empty")
+            steps.append(Step(say=item))
+            continue
+        if not isinstance(item, dict) or not item:
+            raise ValueError(f"a script step is a string or a dict, not {item!r}")
+        unknown = set(item) - {"say", "barge_in", "silence", "hangup"}
+        if unknown:
+            raise ValueError(f"unknown script keys {sorted(unknown)} in {item!r}")
+        if item.get("hangup"):
+            steps.append(Step(hangup=True))
+        elif "silence" in item:
+            seconds = item["silence"]
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+                raise ValueError(f"silence must be a number of seconds >= 0, not {seconds!r}")
+            steps.append(Step(silence=float(seconds)))
+        else:
+            say, barge_in = item.get("say"), item.get("barge_in")
+            if not isinstance(say, str) or not say.strip():
+                raise ValueError(f"say must be a non-empty string in {item!r}")
+            if barge_in is not None and (isinstance(barge_in, bool) or not isinstance(barge_in, int)
+                                         or barge_in < 0):
+                raise ValueError(f"barge_in must be a number of words >= 0, not {barge_in!r}")
+            steps.append(Step(say=say, barge_in=barge_in))
+    return steps
+
+
+@dataclass(eq=False)
+class Call:
+    """One phone call, from ringing (or connecting) until it ends.
+
+    ``state`` is ``"ringing"``, ``"live"`` or ``"ended"``. ``history`` is the call's LLM
+    history (``{"role", "content", "source"}``; ``source`` ``caller``, ``ai``,
+    ``supervisor``, ``greeting``); ``call.ended`` carries it as ``messages`` (``{role,
+    content}``). ``muted_transcript`` collects what the caller says while muted.
+    """
+
+    id: str
+    agent_id: str
+    from_: str
+    to: str
+    script: list[Step]
+    direction: str = "inbound"
+    language: str = "en"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    ringing: bool = False
+    state: str = "ringing"
+    created_at: datetime = field(default_factory=utcnow)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+    held: bool = False
+    muted: bool = False
+    forwarded_to: str | None = None
+    muted_transcript: list[str] = field(default_factory=list)
+    history: list[dict[str, str]] = field(default_factory=list, repr=False)
+    last_user_message_id: str | None = None
+    turns: int = 0
+    seq: int = 0
+    #: scratch space for the canned voice AI
+    ai_memory: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def ended(self) -> bool:
+        return self.state == "ended"
+
+    def transcript(self) -> list[dict[str, str]]:
+        return [{"role": h["role"], "content": h["content"]} for h in self.history]
+
+    def ended_fields(self) -> dict[str, Any]:
+        """The fields of ``call.ended`` (after ``agent_id`` / ``call_id``)."""
+        assert self.ended_at is not None
+        started = self.started_at or self.ended_at
+        fields: dict[str, Any] = {
+            "reason": self.end_reason,
+            "duration_seconds": round((self.ended_at - started).total_seconds(), 3),
+            "started_at": epoch(started),
+            "ended_at": epoch(self.ended_at),
+            "messages": self.transcript(),
+        }
+        if self.started_at is None:  # never connected
+            fields.update({"direction": self.direction, "from": self.from_, "to": self.to})
+        return fields
 
 
 @dataclass(eq=False)
@@ -155,6 +291,8 @@ class AgentState:
     config: dict[str, Any] = field(default_factory=dict)
     #: The ``channel.add`` frame of its WhatsApp channel (credentials included), if any.
     whatsapp: dict[str, Any] | None = None
+    #: ref -> the ``channel.add`` frame (without ``event``) of each phone number, in order.
+    phones: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The live connection holding the agent (``server._Connection``) or None.
     conn: Any = None
     registered: bool = False

@@ -244,3 +244,33 @@ async def pc_support(pc_sim, pc_make):
     await channel.wait_for("channel.added")  # so that tests start with nothing in flight
     support.off("channel.added", channel)
     return pc, support
+
+
+# --- voice ----------------------------------------------------------------------------
+
+PC_NUMBER = "+13186330963"  # the phone number the voice fixtures' agent adds
+PC_CALLER = "+14155550123"
+
+
+@pytest.fixture
+async def pc_voice_sim():
+    """A simulator whose calls run at no speech pace at all (events in order, no waits)."""
+    from pinecall_sdk.simulator import Simulator
+
+    async with Simulator(voice_pace=0.0) as sim:
+        yield sim
+
+
+@pytest.fixture
+async def pc_voice(pc_voice_sim, pc_make):
+    """``(pc, support, recorder)``: a connected client whose "support" agent (with a
+    server-side LLM) added ``PC_NUMBER``; ``recorder`` gets every event of the agent."""
+    pc = pc_make(pc_voice_sim.url)
+    support = pc.agent("support", language="en", llm="openai/gpt-4.1-mini", prompt="You are helpful.")
+    support.add_phone(PC_NUMBER)
+    recorder = PcRecorder()
+    support.on("*", recorder)
+    await pc.connect()
+    await support.wait_registered(timeout=3)
+    await recorder.wait_for("channel.added")
+    return pc, support, recorder

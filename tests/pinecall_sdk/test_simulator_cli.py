@@ -98,3 +98,23 @@ async def test_cli_demo_mode_writes_in():
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_cli_demo_mode_calls_the_phone_number_the_client_added():
+    proc, port, _ = await start_cli("--demo", "--demo-speed", "20", "--voice-pace", "0")
+    try:
+        ws = await connect_when_up(port)
+        for frame in ({"event": "connect", "api_key": "k"},
+                      {"event": "agent.create", "agent_id": "support", "llm": "openai/gpt-4.1-mini"},
+                      {"event": "channel.add", "agent_id": "support", "type": "phone",
+                       "ref": "+13186330963"}):
+            await ws.send(json.dumps(frame))
+        events = []
+        async with asyncio.timeout(10):
+            while "bot.finished" not in events:
+                events.append(json.loads(await ws.recv())["event"])
+        assert events[:3] == ["connected", "agent.created", "channel.added"]
+        assert events.index("call.started") < events.index("user.message") < events.index("bot.speaking")
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
