@@ -30,3 +30,19 @@ def test_a_file_added_since_collectstatic_gets_its_plain_name(tmp_path):
         assert staticfiles_storage.url("css/admin.css") == "/static/css/admin.css"
         assert staticfiles_storage.url("css/app.css") != "/static/css/app.css"
     staticfiles_storage._setup()
+
+
+def test_no_template_has_a_multi_line_short_comment():
+    """Django's {# #} comments end at the line: a multi-line one is shown to operators."""
+    import re
+    from pathlib import Path
+
+    templates = Path(__file__).resolve().parents[2] / "templates"
+    broken = [
+        f"{path.relative_to(templates)}:{text[: m.start()].count(chr(10)) + 1}"
+        for path in templates.rglob("*.html")
+        for text in [path.read_text()]
+        for m in re.finditer(r"\{#(.*?)#\}", text, re.S)
+        if "\n" in m.group(1)
+    ]
+    assert broken == []
