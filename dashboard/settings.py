@@ -85,6 +85,7 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "dashboard.urls"
+FORMAT_MODULE_PATH = ["dashboard.formats"]
 ASGI_APPLICATION = "dashboard.asgi.application"
 
 TEMPLATES = [

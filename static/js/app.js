@@ -112,6 +112,25 @@
     }, 800);
   }
 
+  /* Keyboard users keep their place: when a header they were acting in is swapped,
+   * focus goes to the composer (after a take over) or to the same button again. */
+  var focusedAction = null;
+  document.addEventListener("htmx:oobBeforeSwap", function (e) {
+    var active = document.activeElement;
+    var target = e.detail.target;
+    focusedAction = target && active && target.contains(active) && active.dataset ? active.dataset.action || "" : null;
+  });
+  document.addEventListener("htmx:oobAfterSwap", function (e) {
+    if (focusedAction === null) return;
+    var action = focusedAction;
+    focusedAction = null;
+    var box = $("[data-composer] textarea");
+    var again = action && $("[data-action='" + action + "']");
+    if (/^take-over/.test(action) && box) box.focus();
+    else if (again) again.focus();
+    else if (box) box.focus();
+  });
+
   document.addEventListener("htmx:oobBeforeSwap", function (e) {
     var target = e.detail.target;
     if (!target || !target.classList || !target.classList.contains("messages")) return;
