@@ -8,6 +8,8 @@ from django.core.exceptions import PermissionDenied
 from conversations import services, worker
 from conversations.models import (
     AgentState,
+    Call,
+    CallUtterance,
     AuditEntry,
     Command,
     ContactPause,
@@ -328,3 +330,25 @@ class HandoffPolicyAdmin(admin.ModelAdmin):
 class AlertPreferencesAdmin(admin.ModelAdmin):
     list_display = ["user", "sound", "title", "desktop"]
     list_select_related = ["user"]
+
+
+class CallUtteranceInline(ReadOnlyInline):
+    model = CallUtterance
+    fields = ["at", "speaker", "text", "interrupted", "words_spoken", "message_id"]
+    readonly_fields = fields
+
+
+@admin.register(Call)
+class CallAdmin(admin.ModelAdmin):
+    """Voice calls: read-only (Pinecall's record); stepping in is on the call's page."""
+
+    list_display = ["call_id", "from_number", "to_number", "state", "started_at", "duration_seconds", "end_reason", "forwarded_to"]
+    list_filter = ["state", "agent_id", "direction"]
+    search_fields = ["call_id", "from_number", "to_number", "utterances__text"]
+    inlines = [CallUtteranceInline]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in self.model._meta.fields]
+
+    def has_add_permission(self, request):
+        return False

@@ -22,7 +22,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from conversations import handoff, notify
-from conversations.models import Command, Conversation, Message
+from conversations.models import Call, CallUtterance, Command, Conversation, Message
 from conversations.sanitize import clean_field, clean_id, clean_text
 from conversations.services import (
     NEEDS_HUMAN_FIELDS,
@@ -33,6 +33,7 @@ from conversations.services import (
     conversation_touch,
     conversation_record_message,
     agent_paused_set,
+    call_supervisor_line as services_call_supervisor_line,
     contact_pause_set,
     session_paused_set,
 )
@@ -459,3 +460,177 @@ def ingest_pause_state(
         contact_pause_set(agent_id=agent_id, contact_phone=contact, paused=paused)
     else:
         agent_paused_set(agent_id=agent_id, paused=paused)
+
+
+# ---------------------------------------------------------------- voice calls
+#
+# Final lines only: the caller's `user.message`, the bot's `message.confirmed`.
+# Interim captions (`user.speaking`, `bot.word`) are live-only and never stored.
+# Idempotent like WhatsApp's: a call by `call_id`, a line by (call, `message_id`).
+
+CALL_ID_MAX = Call._meta.get_field("call_id").max_length
+CALL_NUMBER_MAX = Call._meta.get_field("from_number").max_length
+UTTERANCE_ID_MAX = CallUtterance._meta.get_field("message_id").max_length
+
+
+def _call_for(*, call_id: str, agent_id: str, **fields) -> Call:
+    """The call, locked; created when we never saw it start (events may come out of order)."""
+    call_id = clean_id(call_id, CALL_ID_MAX)[0]
+    if not call_id:
+        raise ValueError("a call event without call_id")
+    defaults = {"agent_id": clean_field(agent_id, AGENT_ID_MAX)[0]}
+    for name in ("from_number", "to_number"):
+        if fields.get(name):
+            defaults[name] = clean_field(fields[name], CALL_NUMBER_MAX)[0]
+    if fields.get("direction"):
+        defaults["direction"] = clean_field(fields["direction"], 10)[0]
+    call, _ = Call.objects.select_for_update().get_or_create(call_id=call_id, defaults=defaults)
+    return call
+
+
+@transaction.atomic
+def ingest_call_started(
+    *, agent_id: str, call_id: str, from_number: str = "", to_number: str = "", direction: str = ""
+) -> Call:
+    call = _call_for(
+        call_id=call_id, agent_id=agent_id, from_number=from_number, to_number=to_number, direction=direction
+    )
+    changed = []
+    for name, value, size in (
+        ("from_number", from_number, CALL_NUMBER_MAX),
+        ("to_number", to_number, CALL_NUMBER_MAX),
+        ("direction", direction, 10),
+    ):
+        value = clean_field(value or "", size)[0]
+        if value and getattr(call, name) != value:
+            setattr(call, name, value)
+            changed.append(name)
+    if changed:
+        call.save(update_fields=changed)
+    notify.after_commit(notify.call_changed, call)
+    return call
+
+
+@transaction.atomic
+def ingest_call_caller_line(*, agent_id: str, call_id: str, message_id: str, text: str) -> CallUtterance | None:
+    """`user.message`: the caller's final words of a turn (once per `message_id`)."""
+    call = _call_for(call_id=call_id, agent_id=agent_id)
+    message_id = clean_id(message_id or "", UTTERANCE_ID_MAX)[0]
+    text = clean_text(text or "")[0]
+    if not message_id:
+        message_id = "um-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    line, created = CallUtterance.objects.get_or_create(
+        call=call,
+        message_id=message_id,
+        defaults={"speaker": CallUtterance.Speaker.CALLER, "text": text},
+    )
+    if not created:
+        return None
+    if call.needs_human_since is None:
+        policy = handoff_policy_get(call.agent_id)
+        if handoff.first_match(text, handoff.phrases_from_text(policy.ask_phrases)):
+            call.needs_human_since = line.at
+            call.save(update_fields=["needs_human_since"])
+            notify.after_commit(notify.call_changed, call)
+    notify.after_commit(notify.call_line_added, line)
+    return line
+
+
+@transaction.atomic
+def ingest_call_line_confirmed(*, agent_id: str, call_id: str, message_id: str, text: str) -> CallUtterance | None:
+    """`message.confirmed`: the bot's final wording. An AI line unless it is one a
+    supervisor had said (`call_supervisor_line`, by the `message_id` we sent)."""
+    call = _call_for(call_id=call_id, agent_id=agent_id)
+    message_id = clean_id(message_id or "", UTTERANCE_ID_MAX)[0]
+    if not message_id:
+        raise ValueError("message.confirmed without message_id")
+    text = clean_text(text or "")[0]
+    line, created = CallUtterance.objects.select_for_update().get_or_create(
+        call=call, message_id=message_id, defaults={"speaker": CallUtterance.Speaker.AI, "text": text}
+    )
+    if created:
+        notify.after_commit(notify.call_line_added, line)
+        return line
+    if text and line.text != text:
+        line.text = text
+        line.save(update_fields=["text"])
+        notify.after_commit(notify.call_line_changed, line)
+    return line
+
+
+@transaction.atomic
+def call_supervisor_line(*, call: Call, message_id: str, text: str) -> CallUtterance:
+    """A line a supervisor had the bot say (see `services.call_supervisor_line`)."""
+    message_id = clean_id(message_id, UTTERANCE_ID_MAX)[0]
+    return services_call_supervisor_line(call=call, message_id=message_id, text=clean_text(text)[0])
+
+
+@transaction.atomic
+def ingest_call_interrupted(
+    *, agent_id: str, call_id: str, message_id: str, words_spoken: int | None = None
+) -> CallUtterance | None:
+    """`bot.interrupted`: the line was cut off. Marks a stored line; a line not yet
+    confirmed is created (AI, no text yet) and gets its wording from `message.confirmed`."""
+    call = _call_for(call_id=call_id, agent_id=agent_id)
+    message_id = clean_id(message_id or "", UTTERANCE_ID_MAX)[0]
+    if not message_id:
+        return None
+    if isinstance(words_spoken, bool) or not isinstance(words_spoken, int) or words_spoken < 0:
+        words_spoken = None
+    line, created = CallUtterance.objects.select_for_update().get_or_create(
+        call=call,
+        message_id=message_id,
+        defaults={"speaker": CallUtterance.Speaker.AI, "interrupted": True, "words_spoken": words_spoken},
+    )
+    if not created and not line.interrupted:
+        line.interrupted = True
+        line.words_spoken = words_spoken
+        line.save(update_fields=["interrupted", "words_spoken"])
+    notify.after_commit(notify.call_line_changed, line)
+    return line
+
+
+@transaction.atomic
+def ingest_call_forwarded(*, agent_id: str, call_id: str, to: str = "") -> Call:
+    call = _call_for(call_id=call_id, agent_id=agent_id)
+    to = clean_field(to or "", CALL_NUMBER_MAX)[0]
+    if to and call.forwarded_to != to:
+        call.forwarded_to = to
+        call.save(update_fields=["forwarded_to"])
+        notify.after_commit(notify.call_changed, call)
+    return call
+
+
+@transaction.atomic
+def ingest_call_ended(
+    *,
+    agent_id: str,
+    call_id: str,
+    reason: str = "",
+    duration_seconds: float | None = None,
+    started_at=None,
+    ended_at=None,
+    from_number: str = "",
+    to_number: str = "",
+    direction: str = "",
+) -> Call:
+    """`call.ended`: state, reason, duration. Its `messages` (the server's history)
+    repeat the lines already stored and are not stored again."""
+    call = _call_for(
+        call_id=call_id, agent_id=agent_id, from_number=from_number, to_number=to_number, direction=direction
+    )
+    if not call.is_live:
+        return call
+    call.state = Call.State.ENDED
+    call.end_reason = clean_field(reason or "ended", 40)[0]
+    call.ended_at = _as_datetime(ended_at) or timezone.now()
+    started = _as_datetime(started_at)
+    if started is not None:
+        call.started_at = started
+    if isinstance(duration_seconds, (int, float)) and not isinstance(duration_seconds, bool):
+        call.duration_seconds = float(duration_seconds)
+    else:
+        call.duration_seconds = max(0.0, (call.ended_at - call.started_at).total_seconds())
+    call.save(update_fields=["state", "end_reason", "ended_at", "started_at", "duration_seconds"])
+    notify.after_commit(notify.call_changed, call)
+    return call

@@ -8,6 +8,8 @@ the channel layer only wakes and notifies.
 
 from __future__ import annotations
 
+import hashlib
+
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
@@ -289,11 +291,15 @@ class Command(models.Model):
         PAUSE = "pause", "Pause"
         RESUME = "resume", "Resume"
         SEND = "send", "Send"
+        SAY = "say", "Say a line on a call"
+        HANGUP = "hangup", "Hang up a call"
+        FORWARD = "forward", "Forward a call"
 
     class Scope(models.TextChoices):
         SESSION = "session", "One conversation"
         CONTACT = "contact", "A contact"
         AGENT = "agent", "The whole agent"
+        CALL = "call", "One voice call"
 
     class Status(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -313,6 +319,12 @@ class Command(models.Model):
     message = models.OneToOneField(
         Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="command"
     )
+    # Voice calls (scope "call"): `session_id` holds the call_id; a line said has the
+    # `message_id` we give Pinecall (`line_id`), a forward its number in `text`.
+    call = models.ForeignKey(
+        "Call", null=True, blank=True, on_delete=models.SET_NULL, related_name="commands"
+    )
+    line_id = models.CharField(max_length=100, blank=True)
     operator = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
@@ -362,6 +374,9 @@ class AuditEntry(models.Model):
         AUTO_HAND_BACK = "auto_hand_back", "Handed back automatically (the holder was idle)"
         KEEP = "keep", "Kept the conversation (restarted its idle clock)"
         POLICY = "policy", "Changed the handoff policy"
+        CALL_SAY = "call_say", "Said a line on a call"
+        CALL_HANGUP = "call_hangup", "Hung up a call"
+        CALL_FORWARD = "call_forward", "Forwarded a call"
 
     class Outcome(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -511,3 +526,78 @@ class AlertPreferences(models.Model):
 
     def __str__(self) -> str:
         return f"alerts of {self.user}"
+
+
+def dom_key(value: str) -> str:
+    """A Pinecall id as a short, HTML-id-safe key (the same for the page and its captions)."""
+    return hashlib.sha256((value or "").encode("utf-8")).hexdigest()[:16]
+
+
+class Call(models.Model):
+    """One Pinecall voice call: one agent and one caller, until it ends (or leaves Pinecall)."""
+
+    class State(models.TextChoices):
+        LIVE = "live", "Live"
+        ENDED = "ended", "Ended"
+
+    call_id = models.CharField(max_length=64, unique=True)
+    agent_id = models.CharField(max_length=100)
+    from_number = models.CharField(max_length=64, blank=True)
+    to_number = models.CharField(max_length=64, blank=True)
+    direction = models.CharField(max_length=10, blank=True)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.LIVE)
+    started_at = models.DateTimeField(default=timezone.now)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    end_reason = models.CharField(max_length=40, blank=True)
+    duration_seconds = models.FloatField(null=True, blank=True)
+    forwarded_to = models.CharField(max_length=64, blank=True)
+    # The caller asked for a person (the same phrases as on WhatsApp).
+    needs_human_since = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        indexes = [models.Index(fields=["state", "-started_at"], name="call_state_started")]
+
+    def __str__(self) -> str:
+        return f"call {self.call_id} from {self.from_number or '?'} ({self.state})"
+
+    @property
+    def is_live(self) -> bool:
+        return self.state == self.State.LIVE
+
+    @property
+    def key(self) -> str:
+        return dom_key(self.call_id)
+
+
+class CallUtterance(models.Model):
+    """One final line of a call: the caller's, the AI's or a supervisor's typed line.
+
+    Interim captions (`user.speaking`, single `bot.word`) are never stored.
+    """
+
+    class Speaker(models.TextChoices):
+        CALLER = "caller", "Caller"
+        AI = "ai", "AI"
+        SUPERVISOR = "supervisor", "Supervisor"
+
+    call = models.ForeignKey(Call, on_delete=models.CASCADE, related_name="utterances")
+    speaker = models.CharField(max_length=10, choices=Speaker.choices)
+    message_id = models.CharField(max_length=100)
+    text = models.TextField(blank=True)
+    at = models.DateTimeField(default=timezone.now)
+    interrupted = models.BooleanField(default=False)
+    words_spoken = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["call", "message_id"], name="call_utterance_unique_id")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.speaker}: {self.text[:40]}"
+
+    @property
+    def key(self) -> str:
+        return dom_key(self.message_id)

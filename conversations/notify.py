@@ -16,7 +16,9 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -100,6 +102,40 @@ def database_state_changed(*, available: bool) -> None:
 def user_notice(user_pk: int, kind: str, **context) -> None:
     """Something for one person only (the conversation taken from them, a hand-back warning)."""
     _emit("user_notice", user_pk, kind, **context)
+
+
+def call_group(call_id: str) -> str:
+    """Every open page of one voice call (by Pinecall's `call_id`): its lines and live captions.
+
+    Group names allow letters, digits, `-`, `_` and `.` only, under 100 characters.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", call_id)
+    if len(safe) > 90 or safe != call_id:
+        safe = safe[:60] + "." + hashlib.sha256(call_id.encode()).hexdigest()[:16]
+    return f"call-{safe}"
+
+
+CALLS_GROUP = "calls"  # the /calls/ list's sockets
+
+
+def call_changed(call) -> None:
+    """A call started, ended, was forwarded or asks for a person: its header and list row."""
+    _emit("call_changed", call)
+
+
+def call_line_added(line) -> None:
+    """A final line of a call (the caller's, the AI's, a supervisor's)."""
+    _emit("call_line_added", line)
+
+
+def call_line_changed(line) -> None:
+    """A line's wording was confirmed, or it was cut off."""
+    _emit("call_line_changed", line)
+
+
+def call_caption(call_id: str, kind: str, **fields) -> None:
+    """A live-only caption (a caller's draft, a bot word, a cut): never stored."""
+    _emit("call_caption", call_id, kind, **fields)
 
 
 def inbox_row(conversation) -> None:

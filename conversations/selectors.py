@@ -19,6 +19,8 @@ from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSIO
 from conversations import handoff
 from conversations.models import (
     AgentState,
+    Call,
+    CallUtterance,
     HandoffPolicy,
     Command,
     ContactPause,
@@ -448,3 +450,28 @@ def handoff_brief(conversation: Conversation) -> HandoffBrief | None:
         mentions=handoff.mentions([m.text for m in said]),
         earlier_conversations=earlier,
     )
+
+
+# ---------------------------------------------------------------- voice calls
+
+CALLS_ENDED_SHOWN = 50
+
+
+def calls_live() -> list[Call]:
+    return list(Call.objects.filter(state=Call.State.LIVE).order_by("-started_at", "-id"))
+
+
+def calls_ended(limit: int = CALLS_ENDED_SHOWN) -> list[Call]:
+    return list(Call.objects.filter(state=Call.State.ENDED).order_by("-ended_at", "-id")[:limit])
+
+
+def call_find(pk: int) -> Call | None:
+    return Call.objects.filter(pk=pk).first()
+
+
+def call_lines(call: Call) -> list:
+    return list(call.utterances.order_by("at", "id"))
+
+
+def call_line_find(pk: int) -> CallUtterance | None:
+    return CallUtterance.objects.select_related("call").filter(pk=pk).first()

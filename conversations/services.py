@@ -10,6 +10,8 @@ The ingest of Pinecall's events lives beside this, in `conversations.ingest`.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +30,8 @@ from conversations.models import (
     AlertPreferences,
     AgentState,
     AuditEntry,
+    Call,
+    CallUtterance,
     Command,
     ContactPause,
     Conversation,
@@ -563,7 +567,110 @@ def _apply_confirmed(command: Command) -> None:
         agent_paused_set(
             agent_id=command.agent_id, paused=command.kind == Kind.PAUSE, operator=command.operator
         )
+    elif command.scope == Scope.CALL and command.kind == Kind.SAY and command.call_id and command.line_id:
+        call_supervisor_line(call=command.call, message_id=command.line_id, text=command.text)
     notify.after_commit(notify.command_changed, command)
+
+
+# ---------------------------------------------------------------- voice calls: stepping in
+
+CALL_LINE_MAX = 1000
+
+
+def _call_live(call: Call) -> Call:
+    call = Call.objects.select_for_update().get(pk=call.pk)
+    if not call.is_live:
+        raise ActionRefused("This call has ended.")
+    return call
+
+
+def _call_enqueue(*, call: Call, operator, kind: str, audit_action: str, text: str = "", line_id: str = "") -> Command:
+    command = Command.objects.create(
+        operator=operator,
+        kind=kind,
+        scope=Command.Scope.CALL,
+        agent_id=call.agent_id,
+        session_id=call.call_id,
+        call=call,
+        text=text,
+        line_id=line_id,
+    )
+    AuditEntry.objects.create(
+        operator=operator,
+        action=audit_action,
+        agent_id=call.agent_id,
+        contact_phone=call.from_number[:32],
+        command=command,
+        detail=text[:500],
+    )
+    notify.after_commit(notify.wake_worker)
+    notify.after_commit(notify.call_changed, call)
+    return command
+
+
+@transaction.atomic
+def call_say(*, call: Call, operator: AbstractBaseUser, text: str) -> Command:
+    """Queue a typed line for the AI to say on the call (operators and supervisors).
+
+    Its `message_id` is chosen here, so the line is the supervisor's whichever of
+    its confirmation and its `message.confirmed` is stored first.
+    """
+    _require(operator, TAKE_OVER_PERMISSION)
+    text = " ".join((text or "").split())
+    if not text:
+        raise ValidationError("Write something for the AI to say.")
+    if len(text) > CALL_LINE_MAX:
+        raise ValidationError(f"A line says at most {CALL_LINE_MAX} characters (this has {len(text)}).")
+    call = _call_live(call)
+    return _call_enqueue(
+        call=call, operator=operator, kind=Command.Kind.SAY, audit_action=AuditEntry.Action.CALL_SAY,
+        text=text, line_id="sup_" + secrets.token_hex(12),
+    )
+
+
+@transaction.atomic
+def call_hang_up(*, call: Call, operator: AbstractBaseUser) -> Command:
+    """Queue hanging up the call (supervisors)."""
+    _require(operator, PAUSE_WIDE_PERMISSION)
+    call = _call_live(call)
+    return _call_enqueue(
+        call=call, operator=operator, kind=Command.Kind.HANGUP, audit_action=AuditEntry.Action.CALL_HANGUP
+    )
+
+
+def _is_phone_ref(value: str) -> bool:
+    return bool(re.fullmatch(r"\+[1-9][0-9]{6,14}", value) or re.fullmatch(r"sip:[^\s@]+@[^\s@]+", value))
+
+
+@transaction.atomic
+def call_forward(*, call: Call, operator: AbstractBaseUser, to: str) -> Command:
+    """Queue forwarding the call to a person's number (supervisors); it then leaves Pinecall."""
+    _require(operator, PAUSE_WIDE_PERMISSION)
+    to = "".join((to or "").split())
+    if not _is_phone_ref(to):
+        raise ValidationError("Forward to an E.164 number (+ and 7 to 15 digits) or a sip: address.")
+    call = _call_live(call)
+    return _call_enqueue(
+        call=call, operator=operator, kind=Command.Kind.FORWARD, audit_action=AuditEntry.Action.CALL_FORWARD,
+        text=to,
+    )
+
+
+def call_supervisor_line(*, call: Call, message_id: str, text: str) -> CallUtterance:
+    """A line a supervisor had the bot say: stored as theirs, whichever came first,
+    this or its `message.confirmed`. (Inside the caller's transaction.)"""
+    line, created = CallUtterance.objects.select_for_update().get_or_create(
+        call=call,
+        message_id=message_id,
+        defaults={"speaker": CallUtterance.Speaker.SUPERVISOR, "text": text},
+    )
+    if created:
+        notify.after_commit(notify.call_line_added, line)
+    elif line.speaker != CallUtterance.Speaker.SUPERVISOR:
+        line.speaker = CallUtterance.Speaker.SUPERVISOR
+        line.save(update_fields=["speaker"])
+        notify.after_commit(notify.call_line_changed, line)
+    return line
 
 
 # ---------------------------------------------------------------- pause state, whoever changed it

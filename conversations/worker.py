@@ -124,7 +124,7 @@ def _mark_sent(commands: list[Command]) -> None:
 def _recover_in_flight() -> None:
     """Commands marked sent when the last worker died: their outcome is unknown."""
     for command in Command.objects.filter(status=Command.Status.SENT).order_by("id"):
-        if command.kind == Command.Kind.SEND:
+        if command.kind in (Command.Kind.SEND, Command.Kind.SAY):
             # Pinecall may or may not have delivered it; never risk a double send.
             services.command_fail(
                 command=command,
@@ -354,6 +354,22 @@ def _log_stored(event) -> None:
     logger.info("event %s session=%s", event.event, getattr(event, "session_id", None) or "-")
 
 
+def _caption(event) -> None:
+    """A live caption to the call's pages (through the broadcast queue; no database)."""
+    call_id = getattr(event, "call_id", None)
+    if not isinstance(call_id, str) or not call_id:
+        return
+    fields = {
+        name: getattr(event, name)
+        for name in ("text", "message_id", "word", "words_spoken", "reason")
+        if getattr(event, name, None) is not None
+    }
+    try:
+        notify.call_caption(call_id, event.event, **fields)
+    except Exception:
+        logger.warning("caption %s not forwarded", event.event, exc_info=True)
+
+
 def _is_resume_all(event) -> bool:
     return event.event == "session.resumed" and not event.session_id and not event.contact
 
@@ -392,8 +408,43 @@ STORE: dict[str, Callable] = {
     "session.resumed": lambda e, agent_id: ingest.ingest_pause_state(
         agent_id=agent_id, paused=False, session_id=e.session_id, contact=e.contact
     ),
+    # Voice calls: final lines only (captions are live-only, see CAPTION_EVENTS).
+    "call.started": lambda e, agent_id: ingest.ingest_call_started(
+        agent_id=agent_id,
+        call_id=e.call_id,
+        from_number=e.from_ or "",
+        to_number=e.to or "",
+        direction=e.direction or "",
+    ),
+    "user.message": lambda e, agent_id: ingest.ingest_call_caller_line(
+        agent_id=agent_id, call_id=e.call_id, message_id=e.message_id or "", text=e.text or ""
+    ),
+    "message.confirmed": lambda e, agent_id: ingest.ingest_call_line_confirmed(
+        agent_id=agent_id, call_id=e.call_id, message_id=e.message_id or "", text=e.text or ""
+    ),
+    "bot.interrupted": lambda e, agent_id: ingest.ingest_call_interrupted(
+        agent_id=agent_id, call_id=e.call_id, message_id=e.message_id or "", words_spoken=e.words_spoken
+    ),
+    "call.forwarded": lambda e, agent_id: ingest.ingest_call_forwarded(
+        agent_id=agent_id, call_id=e.call_id, to=e.to or ""
+    ),
+    "call.ended": lambda e, agent_id: ingest.ingest_call_ended(
+        agent_id=agent_id,
+        call_id=e.call_id,
+        reason=e.reason or "",
+        duration_seconds=e.duration_seconds,
+        started_at=e.started_at,
+        ended_at=e.ended_at,
+        from_number=e.from_ or "",
+        to_number=e.to or "",
+        direction=e.direction or "",
+    ),
 }
 STORED_EVENTS = frozenset(STORE)
+
+# Live-only: forwarded to the call's pages as they come, never stored (a reload
+# shows the stored lines; a draft or a word in flight is simply gone).
+CAPTION_EVENTS = frozenset({"user.speaking", "bot.speaking", "bot.word", "bot.interrupted", "bot.finished"})
 
 
 # ---------------------------------------------------------------- the bridge, async
@@ -447,6 +498,8 @@ class PinecallBridge:
             verify_token=settings.WHATSAPP_VERIFY_TOKEN,
             app_secret=settings.WHATSAPP_APP_SECRET,
         )
+        for ref in settings.PINECALL_PHONE_NUMBERS:
+            self.agent.add_phone(ref)
         self.agent.on("*", self.on_event)
         # After every (re)registration, once the WhatsApp channel is re-added.
         self.agent.on("registered", self._on_registered)
@@ -903,10 +956,12 @@ class PinecallBridge:
 
     async def on_event(self, event) -> None:
         """Spool the event at once (a plain buffered write); the store loop takes it from there."""
+        if event.event in CAPTION_EVENTS:
+            _caption(event)
         if event.event in STORED_EVENTS:
             self.spool.append(_raw(event))
             self._appended.set()
-        else:
+        elif event.event not in CAPTION_EVENTS:
             logger.debug("event %s (not stored)", event.event)
 
     # ---- commands
@@ -948,7 +1003,7 @@ class PinecallBridge:
             metrics.COMMANDS.labels(command.kind, "timeout").inc()
             return
         except PinecallError as error:
-            if error.code == "CONNECTION_LOST" and command.kind != Command.Kind.SEND:
+            if error.code == "CONNECTION_LOST" and command.kind in (Command.Kind.PAUSE, Command.Kind.RESUME):
                 # A pause or resume is safe to repeat: back in the outbox it goes.
                 await self._with_database(services.command_requeue, command=command)
                 logger.warning("command %s %s: connection lost, requeued", command.pk, command)
@@ -969,6 +1024,14 @@ class PinecallBridge:
 
     async def _call_pinecall(self, command: Command):
         Kind, Scope = Command.Kind, Command.Scope
+        if command.scope == Scope.CALL:
+            if command.kind == Kind.SAY:
+                return await self.agent.call_say(command.session_id, command.text, message_id=command.line_id)
+            if command.kind == Kind.HANGUP:
+                return await self.agent.call_hangup(command.session_id)
+            if command.kind == Kind.FORWARD:
+                return await self.agent.call_forward(command.session_id, command.text)
+            raise PinecallError(f"unknown call command {command.kind}", code="UNKNOWN_COMMAND")
         if command.kind == Kind.SEND:
             return await self.agent.send_message(
                 session_id=command.session_id or None,

@@ -4,7 +4,9 @@ One endpoint, `/ws/live/`, with query parameters:
 
 - `conversation=<pk>`: also join that conversation's group (the page shows it);
 - `after=<message id>`: the newest message the page shows;
-- `since=<epoch seconds>`: the server time the page's state dates from.
+- `since=<epoch seconds>`: the server time the page's state dates from;
+- `call=<pk>`: also join that voice call's group (its lines and live captions);
+- `calls=1`: also join the call list's group.
 
 On connect, after joining the groups, the first thing sent is what the page
 missed (`rendering.catch_up`: newer messages, moved ticks, changed inbox rows, this
@@ -22,7 +24,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from conversations import metrics, notify
+from conversations import metrics, notify, selectors
 from dashboard import rendering
 
 
@@ -50,6 +52,14 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.groups_joined = [notify.OPERATORS_GROUP, notify.user_group(user.pk)]
         if conversation_id:
             self.groups_joined.append(notify.conversation_group(conversation_id))
+        call_pk = _param(params, "call", int)
+        call = None
+        if call_pk is not None and call_pk > 0:
+            call = await database_sync_to_async(selectors.call_find)(call_pk)
+            if call is not None:
+                self.groups_joined.append(notify.call_group(call.call_id))
+        if params.get("calls"):
+            self.groups_joined.append(notify.CALLS_GROUP)
         for group in self.groups_joined:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
@@ -65,6 +75,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         )
         for html in missed:
             await self.send(text_data=html)
+        if call is not None:
+            for html in await database_sync_to_async(rendering.call_catch_up)(call.pk):
+                await self.send(text_data=html)
 
     async def disconnect(self, code):
         if getattr(self, "counted", False):

@@ -21,6 +21,7 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from conversations import notify, selectors
+from conversations.models import dom_key
 from conversations.notify import OPERATORS_GROUP, conversation_group, user_group
 
 # A row saved just before a page's render may commit just after it: catch-up looks
@@ -75,7 +76,7 @@ def command_changed(command) -> None:
     (The state it changed travels with conversation_changed or agent_state_changed.)
     """
     html = render_to_string("conversations/_command_live.html", {"command": command})
-    if command.status == "confirmed" and command.scope != "session":
+    if command.status == "confirmed" and command.scope not in ("session", "call"):
         notify.send_html(OPERATORS_GROUP, html)
     elif command.operator_id:
         notify.send_html(user_group(command.operator_id), html)
@@ -107,8 +108,80 @@ def user_notice(user_pk: int, kind: str, **context) -> None:
     )
 
 
+# ---------------------------------------------------------------- voice calls
+
+
+def call_changed(call) -> None:
+    # Read fresh: in a coalesced batch the object is the first write's (a forward, then the end).
+    call = selectors.call_find(call.pk) or call
+    notify.send_html(notify.call_group(call.call_id), render_call_header(call))
+    notify.send_html(notify.CALLS_GROUP, render_call_row(call))
+
+
+def call_line_added(line) -> None:
+    line = selectors.call_line_find(line.pk) or line
+    notify.send_html(notify.call_group(line.call.call_id), render_call_line(line, new=True))
+
+
+def call_line_changed(line) -> None:
+    line = selectors.call_line_find(line.pk) or line
+    notify.send_html(notify.call_group(line.call.call_id), render_call_line(line, new=False))
+
+
+# Who speaks, after each caption kind ("" : nobody).
+SPEAKING_AFTER = {
+    "user.speaking": "caller",
+    "bot.speaking": "ai",
+    "bot.finished": "",
+    "bot.interrupted": "",
+}
+
+
+def call_caption(call_id: str, kind: str, **fields) -> None:
+    """A live caption, rendered in the worker's loop: no database, never stored."""
+    group = notify.call_group(call_id)
+    if kind != "bot.finished":
+        ctx = {
+            "kind": kind,
+            "key": dom_key(fields.get("message_id") or ""),
+            "text": fields.get("text") or "",
+            "word": fields.get("word") or "",
+        }
+        notify.send_html(group, render_to_string("calls/_caption_live.html", ctx))
+    who = SPEAKING_AFTER.get(kind)
+    if who is not None:
+        html = render_to_string("calls/_speaking_live.html", {"call_key": dom_key(call_id), "who": who})
+        notify.send_html(group, html)
+        notify.send_html(notify.CALLS_GROUP, html)
+
+
+def render_call_header(call) -> str:
+    return render_to_string("calls/_call_live.html", {"call": call, "row": False})
+
+
+def render_call_row(call) -> str:
+    return render_to_string("calls/_call_live.html", {"call": call, "row": True})
+
+
+def render_call_line(line, *, new: bool) -> str:
+    return render_to_string("calls/_line_live.html", {"line": line, "new": new})
+
+
+def call_catch_up(call_pk: int) -> list[str]:
+    """What a (re)connecting call page may have missed: its header and every stored line
+    (the page replaces the lines it already shows)."""
+    call = selectors.call_find(call_pk)
+    if call is None:
+        return []
+    return [render_call_header(call)] + [render_call_line(line, new=True) for line in selectors.call_lines(call)]
+
+
 def register() -> None:
     notify.register(
+        call_changed=call_changed,
+        call_line_added=call_line_added,
+        call_line_changed=call_line_changed,
+        call_caption=call_caption,
         message_added=message_added,
         message_changed=message_changed,
         conversation_changed=conversation_changed,

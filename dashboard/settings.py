@@ -240,6 +240,10 @@ PINECALL_AGENT_LLM = env.str("PINECALL_AGENT_LLM", default="openai/gpt-4.1-mini"
 PINECALL_AGENT_PROMPT = env.str(
     "PINECALL_AGENT_PROMPT", default="You are a helpful support agent for our shop."
 )
+# The agent's phone numbers (comma-separated E.164): the worker takes their voice calls.
+PINECALL_PHONE_NUMBERS = [
+    ref.strip() for ref in env.str("PINECALL_PHONE_NUMBERS", default="").split(",") if ref.strip()
+]
 PINECALL_COMMAND_TIMEOUT = env.float("PINECALL_COMMAND_TIMEOUT", default=10.0)
 # Where the worker spools every event before storing it (local disk, per machine).
 WORKER_SPOOL_DIR = Path(env.str("WORKER_SPOOL_DIR", default=str(BASE_DIR / "var" / "spool")))

@@ -89,10 +89,17 @@ def _inbox_fragment(request: HttpRequest, ctx: dict) -> HttpResponse | None:
     return None
 
 
-def _live_url(*, since: float, conversation_id: int | None = None, after: int = 0) -> str:
+def _live_url(
+    *, since: float, conversation_id: int | None = None, after: int = 0, call_id: int | None = None,
+    calls: bool = False,
+) -> str:
     params = {}
     if conversation_id:
         params = {"conversation": conversation_id, "after": after}
+    if call_id:
+        params["call"] = call_id
+    if calls:
+        params["calls"] = 1
     params["since"] = f"{since:.3f}"
     return f"/ws/live/?{urlencode(params)}"
 
@@ -407,4 +414,84 @@ def agent_pause(request: HttpRequest) -> HttpResponse:
 def agent_resume(request: HttpRequest) -> HttpResponse:
     return _agent_action(
         request, services.agent_resume, done="Resuming the AI everywhere… waiting for Pinecall."
+    )
+
+
+# ---------------------------------------------------------------- voice calls
+
+
+@login_required
+@require_GET
+def calls(request: HttpRequest) -> HttpResponse:
+    """Live calls (caller, a ticking duration, who speaks) and the ended ones."""
+    since = timezone.now().timestamp()
+    return render(
+        request,
+        "calls/calls.html",
+        {
+            "live_calls": selectors.calls_live(),
+            "ended_calls": selectors.calls_ended(),
+            "live_since": since,
+            "live_url": _live_url(since=since, calls=True),
+        },
+    )
+
+
+@login_required
+@require_GET
+def call_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    """One call: its stored lines, and live captions while it lasts."""
+    since = timezone.now().timestamp()
+    call = selectors.call_find(pk)
+    if call is None:
+        raise Http404("No such call.")
+    return render(
+        request,
+        "calls/call.html",
+        {
+            "call": call,
+            "lines": selectors.call_lines(call),
+            "live_since": since,
+            "live_url": _live_url(since=since, call_id=call.pk),
+        },
+    )
+
+
+def _call_action(request: HttpRequest, pk: int, action, done: str) -> HttpResponse:
+    call = selectors.call_find(pk)
+    if call is None:
+        raise Http404("No such call.")
+    try:
+        action(call)
+    except REFUSALS as exc:
+        status, message = _refusal(exc)
+        return HttpResponse(_toast(message, "error"), status=status)
+    return HttpResponse(_toast(done, "ok"))
+
+
+@login_required
+@require_POST
+def call_say(request: HttpRequest, pk: int) -> HttpResponse:
+    return _call_action(
+        request, pk,
+        lambda call: services.call_say(call=call, operator=request.user, text=request.POST.get("text", "")),
+        "The AI will say your line.",
+    )
+
+
+@login_required
+@require_POST
+def call_hang_up(request: HttpRequest, pk: int) -> HttpResponse:
+    return _call_action(
+        request, pk, lambda call: services.call_hang_up(call=call, operator=request.user), "Hanging up…"
+    )
+
+
+@login_required
+@require_POST
+def call_forward(request: HttpRequest, pk: int) -> HttpResponse:
+    return _call_action(
+        request, pk,
+        lambda call: services.call_forward(call=call, operator=request.user, to=request.POST.get("to", "")),
+        "Forwarding the call…",
     )

@@ -648,6 +648,45 @@
     }
   });
 
+  // ------------------------------------------------------------ voice calls
+
+  /* A call's duration ticks every second from its start (the server's clock). */
+  function callDurations() {
+    $$("[data-ts][data-format='duration']").forEach(function (el) {
+      var seconds = Math.max(0, Math.floor(serverNow() - parseFloat(el.dataset.ts)));
+      var m = Math.floor(seconds / 60), s = seconds % 60;
+      el.textContent = m + ":" + (s < 10 ? "0" : "") + s;
+    });
+  }
+  setInterval(callDurations, 1000);
+
+  /* A typed line queued: the field is ready for the next one. */
+  document.addEventListener("htmx:afterRequest", function (e) {
+    var form = e.detail.elt;
+    if (form && form.matches && form.matches("form.call-say, form.call-forward") && e.detail.successful) form.reset();
+  });
+
+  /* The call list: a row moves between "live" and "ended", never shown twice. */
+  document.addEventListener("htmx:oobBeforeSwap", function (e) {
+    var target = e.detail.target;
+    if (!target || !target.classList || !target.classList.contains("call-list")) return;
+    Array.prototype.slice.call(e.detail.fragment.children || []).forEach(function (el) {
+      var existing = el.id && document.getElementById(el.id);
+      if (existing) existing.remove();
+    });
+    $$("[data-empty]", target).forEach(function (el) { el.remove(); });
+  });
+
+  /* A call's page: a new line replaces the caption it finalises, and the page follows it. */
+  document.addEventListener("htmx:oobAfterSwap", function (e) {
+    var target = e.detail.target;
+    var lines = $("#call-lines");
+    if (!lines || !target) return;
+    if (target === lines || lines.contains(target) || target.id === "call-draft") {
+      window.scrollTo(0, document.body.scrollHeight);
+    }
+  });
+
   // ------------------------------------------------------------ on every new piece of page
 
   if (window.htmx) {
@@ -655,6 +694,7 @@
       personalize(root);
       waitingChanged();
       tickCountdown();
+      callDurations();
       $$("[data-composer] textarea", root).forEach(function (box) {
         restoreDraft(box);
         composerChanged(box);

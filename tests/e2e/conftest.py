@@ -72,6 +72,9 @@ class SimulatorThread:
     def customer_says(self, **kwargs) -> dict:
         return self.call(self.sim.customer_says(**kwargs))
 
+    def place_call(self, **kwargs) -> str:
+        return self.call(self.sim.place_call(**kwargs))
+
     def wait_for(self, event: str, timeout: float = 15.0, **match) -> dict:
         return self.call(self.sim.wait_for(event, timeout=timeout, **match), timeout + 5)
 
@@ -159,6 +162,7 @@ def stack(tmp_path_factory):
         "DATABASE_URL": database_url,
         "PINECALL_URL": sim.sim.url,
         "PINECALL_API_KEY": "e2e-key",
+        "PINECALL_PHONE_NUMBERS": "+14155550100",
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         # Collected like a deployment (hashed, compressed), from this checkout's files.
         "DJANGO_STATIC_ROOT": str(tmp / "static"),

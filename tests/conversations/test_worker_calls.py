@@ -1,0 +1,150 @@
+"""Voice calls through the worker against the simulator: stored once, final lines only."""
+
+import pytest
+
+from conversations.models import Call, CallUtterance
+from pinecall_sdk.simulator import Simulator
+from tests.conversations.test_worker import db, eventually, start_worker  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+NUMBER = "+14155550100"
+
+
+@pytest.fixture
+async def sim():
+    async with Simulator(port=0, ai_delay=0, status_delay=0, voice_pace=0) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def phone_settings(settings):
+    settings.PINECALL_PHONE_NUMBERS = [NUMBER]
+
+
+@pytest.fixture
+async def worker(phone_settings, start_worker):
+    bridge = await start_worker()
+    yield bridge
+    await bridge.stop()
+
+
+def lines_of(call_id):
+    return list(
+        CallUtterance.objects.filter(call__call_id=call_id).values_list("speaker", "text", "interrupted")
+    )
+
+
+def ended(call_id):
+    return Call.objects.filter(call_id=call_id, state="ended").first()
+
+
+async def test_a_call_is_stored_once_with_its_final_lines(sim, worker):
+    await sim.wait_for("channel.add", type="phone")
+    call_id = await sim.place_call(
+        to=NUMBER, from_="+14155550123", script=["Where is my order?", "Thanks", {"hangup": True}]
+    )
+    call = await eventually(lambda: ended(call_id))
+    assert (call.from_number, call.to_number, call.end_reason) == ("+14155550123", NUMBER, "hangup")
+    assert call.duration_seconds is not None
+    lines = await db(lines_of)(call_id)
+    caller = [text for speaker, text, _ in lines if speaker == "caller"]
+    assert caller == ["Where is my order?", "Thanks"]
+    ai = [text for speaker, text, _ in lines if speaker == "ai"]
+    assert ai and all(ai)  # whole lines, not words
+    confirmed = [f for f in sim.sent if f.get("event") == "message.confirmed" and f.get("call_id") == call_id]
+    assert len(ai) == len({f["message_id"] for f in confirmed})
+    assert await db(Call.objects.count)() == 1
+
+
+async def test_a_caller_asking_for_a_person_needs_a_human(sim, worker):
+    await sim.wait_for("channel.add", type="phone")
+    call_id = await sim.place_call(to=NUMBER, script=["I want to speak to a person"])
+    await eventually(
+        lambda: Call.objects.filter(call_id=call_id, needs_human_since__isnull=False).exists()
+    )
+
+
+async def test_calls_across_a_reconnect_are_stored_once(sim, worker):
+    await sim.wait_for("channel.add", type="phone")
+    first = await sim.place_call(to=NUMBER, script=["Hello there"])
+    await eventually(lambda: ("caller", "Hello there", False) in lines_of(first))
+    await eventually(lambda: any(s == "ai" for s, _, _ in lines_of(first)))
+    await sim.drop_connections()
+    # The server sends no call.ended for calls it cut: the client ends them itself.
+    call = await eventually(lambda: ended(first))
+    assert call.end_reason == "connection_lost"
+    # Back: the number is added again on the new connection.
+    await eventually(lambda: NUMBER in sim.phone_numbers())
+    second = await sim.place_call(to=NUMBER, script=["Second call", {"hangup": True}])
+    await eventually(lambda: ended(second))
+    assert await db(Call.objects.count)() == 2
+    assert [t for s, t, _ in await db(lines_of)(first) if s == "caller"] == ["Hello there"]
+    assert [t for s, t, _ in await db(lines_of)(second) if s == "caller"] == ["Second call"]
+
+
+async def test_captions_are_forwarded_live_and_never_stored(sim, worker, monkeypatch):
+    from conversations import notify
+
+    captions = []
+    monkeypatch.setattr(notify, "call_caption", lambda call_id, kind, **f: captions.append((call_id, kind, f)))
+    await sim.wait_for("channel.add", type="phone")
+    call_id = await sim.place_call(to=NUMBER, script=["Where is my order please", {"hangup": True}])
+    await eventually(lambda: ended(call_id))
+    kinds = [kind for cid, kind, _ in captions if cid == call_id]
+    assert "user.speaking" in kinds and "bot.speaking" in kinds and "bot.word" in kinds
+    words = [f["word"] for _, kind, f in captions if kind == "bot.word"]
+    lines = await db(lines_of)(call_id)
+    assert len(lines) < len(words)  # whole lines stored, not words
+    assert not any(text in words for _, text, _ in lines if " " in text)
+
+
+# ---------------------------------------------------------------- stepping in
+
+
+async def live_call(sim, script=("Hello",)):
+    await sim.wait_for("channel.add", type="phone")
+    call_id = await sim.place_call(to=NUMBER, script=list(script))
+    call = await eventually(lambda: Call.objects.filter(call_id=call_id).first())
+    await eventually(lambda: any(s == "ai" for s, _, _ in lines_of(call_id)))
+    return call
+
+
+async def test_a_typed_line_is_said_and_stored_as_the_supervisors(sim, worker, operator):
+    from conversations import services
+    from conversations.models import Command
+
+    call = await live_call(sim)
+    command = await db(services.call_say)(call=call, operator=operator, text="A person is here to help.")
+    frame = await sim.wait_for("bot.reply", call_id=call.call_id)
+    assert frame["text"] == "A person is here to help." and frame["message_id"] == command.line_id
+    await eventually(lambda: Command.objects.get(pk=command.pk).status == "confirmed")
+    await eventually(
+        lambda: CallUtterance.objects.filter(
+            call=call, speaker="supervisor", text="A person is here to help."
+        ).exists()
+    )
+    assert await db(CallUtterance.objects.filter(message_id=command.line_id).count)() == 1
+
+
+async def test_hang_up_ends_the_call(sim, worker, supervisor):
+    from conversations import services
+    from conversations.models import Command
+
+    call = await live_call(sim)
+    command = await db(services.call_hang_up)(call=call, operator=supervisor)
+    await eventually(lambda: Command.objects.get(pk=command.pk).status == "confirmed")
+    done = await eventually(lambda: ended(call.call_id))
+    assert done.end_reason == "client_hangup"
+
+
+async def test_forward_leaves_pinecall_for_the_number(sim, worker, supervisor):
+    from conversations import services
+    from conversations.models import Command
+
+    call = await live_call(sim)
+    command = await db(services.call_forward)(call=call, operator=supervisor, to="+34600000000")
+    await sim.wait_for("call.forward", call_id=call.call_id)
+    await eventually(lambda: Command.objects.get(pk=command.pk).status == "confirmed")
+    done = await eventually(lambda: ended(call.call_id))
+    assert (done.forwarded_to, done.end_reason) == ("+34600000000", "forwarded")
