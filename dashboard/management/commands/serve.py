@@ -17,6 +17,9 @@ from django.core.management.base import BaseCommand
 logger = logging.getLogger("conversations.serve")
 
 
+DEMO_PHONE_NUMBER = "+15555550100"
+
+
 class Command(BaseCommand):
     help = "Serve the dashboard, the worker and (without PINECALL_API_KEY) the demo simulator."
 
@@ -58,7 +61,12 @@ class Command(BaseCommand):
                 simulator = Simulator(host="127.0.0.1", port=0, ai_delay=0.8, demo=True)
                 await simulator.start()
                 settings.PINECALL_URL = simulator.url
-                self.stdout.write(f"Pinecall simulator (demo customers) at {simulator.url}")
+                if not settings.PINECALL_PHONE_NUMBERS:
+                    # A demo number, so the simulator's callers ring too.
+                    settings.PINECALL_PHONE_NUMBERS = [DEMO_PHONE_NUMBER]
+                self.stdout.write(
+                    f"Pinecall simulator (demo customers and callers on {DEMO_PHONE_NUMBER}) at {simulator.url}"
+                )
             background.append(asyncio.ensure_future(worker.arun()))
 
         async def stop_background() -> None:
