@@ -170,7 +170,11 @@ def stack(tmp_path_factory):
         "PYTHONUNBUFFERED": "1",
     }
     if os.environ.get("REDIS_URL"):
-        env["REDIS_URL"] = urlunparse(urlparse(os.environ["REDIS_URL"])._replace(path="/3"))
+        # A Redis database of its own, next to the suite's (two runs side by side must
+        # not hear each other's broadcasts: their conversations share ids).
+        base = urlparse(os.environ["REDIS_URL"])
+        suite_db = int((base.path or "/0").strip("/") or 0)
+        env["REDIS_URL"] = urlunparse(base._replace(path=f"/{(suite_db + 3) % 16}"))
     stack = Stack(base_url=f"http://127.0.0.1:{port}", env=env, sim=sim, logs=tmp)
     try:
         stack.manage("migrate", "--noinput", "-v0")
