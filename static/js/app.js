@@ -224,6 +224,9 @@
     var list = $("#inbox-list");
     if (!list) return;
     var old = list.querySelector("#" + CSS.escape(row.id));
+    // Rows come from several processes (the worker, each web process): one rendered
+    // before the row shown here must not overwrite it, whatever order they arrive in.
+    if (old && parseFloat(old.dataset.version) > parseFloat(row.dataset.version)) return;
     if (old) old.remove();
     if (!matchesFilter(row, list, !!old)) return;
     var key = rowKey(row);
