@@ -149,6 +149,36 @@ def _enqueue(*, audit_action: str, operator, conversation=None, **command_fields
     return command
 
 
+def _queue_send(
+    conversation: Conversation, *, author: str, operator, text: str, audit_action: str, now=None
+) -> Message:
+    """A WhatsApp message of ours: stored at once (pending) and queued for Pinecall."""
+    now = now or timezone.now()
+    message = Message.objects.create(
+        conversation=conversation,
+        direction=Message.Direction.OUTBOUND,
+        author=author,
+        operator=operator,
+        text=text,
+        status=Message.Status.PENDING,
+        created_at=now,
+        status_changed_at=now,
+    )
+    _enqueue(
+        audit_action=audit_action,
+        operator=operator,
+        conversation=conversation,
+        message=message,
+        kind=Command.Kind.SEND,
+        scope=Command.Scope.SESSION,
+        agent_id=conversation.agent_id,
+        session_id=conversation.session_id,
+        contact_phone=conversation.contact_phone,
+        text=text,
+    )
+    return message
+
+
 def _note(conversation: Conversation, text: str) -> Message:
     """A divider in the timeline ("Ana took over"); not a WhatsApp message."""
     note = Message.objects.create(
@@ -282,27 +312,9 @@ def conversation_send(
         )
 
     now = timezone.now()
-    message = Message.objects.create(
-        conversation=conversation,
-        direction=Message.Direction.OUTBOUND,
-        author=Message.Author.HUMAN,
-        operator=operator,
-        text=text,
-        status=Message.Status.PENDING,
-        created_at=now,
-        status_changed_at=now,
-    )
-    _enqueue(
-        audit_action=AuditEntry.Action.SEND,
-        operator=operator,
-        conversation=conversation,
-        message=message,
-        kind=Command.Kind.SEND,
-        scope=Command.Scope.SESSION,
-        agent_id=conversation.agent_id,
-        session_id=conversation.session_id,
-        contact_phone=conversation.contact_phone,
-        text=text,
+    message = _queue_send(
+        conversation, author=Message.Author.HUMAN, operator=operator, text=text,
+        audit_action=AuditEntry.Action.SEND, now=now,
     )
     conversation_touch(conversation, message)
     # The holder is on it: the idle clock starts again.
@@ -928,27 +940,9 @@ def handoff_step_aside(*, conversation: Conversation, policy: HandoffPolicy) -> 
     conversation.save(update_fields=["auto_paused", "updated_at"])
     _note(conversation, "The customer asked for a person: the AI steps aside")
     if policy.holding_message.strip():
-        now = timezone.now()
-        holding = Message.objects.create(
-            conversation=conversation,
-            direction=Message.Direction.OUTBOUND,
-            author=Message.Author.SYSTEM,
-            text=policy.holding_message.strip(),
-            status=Message.Status.PENDING,
-            created_at=now,
-            status_changed_at=now,
-        )
-        _enqueue(
-            audit_action=AuditEntry.Action.AUTO_PAUSE,
-            operator=None,
-            conversation=conversation,
-            message=holding,
-            kind=Command.Kind.SEND,
-            scope=Command.Scope.SESSION,
-            agent_id=conversation.agent_id,
-            session_id=conversation.session_id,
-            contact_phone=conversation.contact_phone,
-            text=holding.text,
+        holding = _queue_send(
+            conversation, author=Message.Author.SYSTEM, operator=None,
+            text=policy.holding_message.strip(), audit_action=AuditEntry.Action.AUTO_PAUSE,
         )
         conversation_touch(conversation, holding)
         notify.after_commit(notify.message_added, holding)
