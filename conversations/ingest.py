@@ -321,7 +321,9 @@ def ingest_response(
         )
         if pending_copy is not None:
             # Our own send, echoed: the stored copy takes the key, so a replay finds it.
-            Message.objects.filter(pk=pending_copy.pk).update(echo_received=True, reply_key=key)
+            Message.objects.filter(pk=pending_copy.pk).update(
+                echo_received=True, reply_key=key, went_out_at=timezone.now()
+            )
             return None
         # Otherwise: sent by someone outside this dashboard.
     now = timezone.now()
@@ -336,6 +338,7 @@ def ingest_response(
         altered=altered,
         created_at=now,
         status_changed_at=now,
+        went_out_at=now,
     )
     conversation_touch(conversation, message)
     if author == Message.Author.AI and conversation.held_by_id is None:
@@ -379,20 +382,7 @@ def ingest_status(*, message_id: str, status: str, recipient: str = "") -> Messa
     recipient = clean_id(recipient, PHONE_MAX)[0]
     message = Message.objects.select_for_update().filter(message_id=message_id).first()
     if message is None and recipient:
-        message = (
-            Message.objects.select_for_update(of=("self",))
-            .filter(
-                direction=Message.Direction.OUTBOUND,
-                message_id__isnull=True,
-                conversation__contact_phone=recipient,
-            )
-            .exclude(status=Message.Status.FAILED)
-            # A human send still pending may already be at Pinecall (its command
-            # sent, the confirmation on its way): its first receipt can come first.
-            .exclude(Q(status=Message.Status.PENDING) & ~Q(command__status=Command.Status.SENT))
-            .order_by("id")
-            .first()
-        )
+        message = _oldest_unbound_reply(recipient)
         if message is not None:
             message.message_id = message_id
             message.save(update_fields=["message_id"])
@@ -406,6 +396,35 @@ def ingest_status(*, message_id: str, status: str, recipient: str = "") -> Messa
     message.save(update_fields=["status", "status_changed_at"])
     notify.after_commit(notify.message_changed, message)
     return message
+
+
+def _oldest_unbound_reply(recipient: str) -> Message | None:
+    """The reply a receipt naming a new WhatsApp id belongs to.
+
+    Pinecall's events come in order, so a reply's `whatsapp.response` is stored
+    before its first receipt: the oldest reply that went out and has no id yet
+    is the one. Only when no echo was seen (lost in a reconnect) does it fall
+    back to the oldest reply stored, a human send counting once its command is
+    at Pinecall.
+    """
+    unbound = (
+        Message.objects.select_for_update(of=("self",))
+        .filter(
+            direction=Message.Direction.OUTBOUND,
+            message_id__isnull=True,
+            conversation__contact_phone=recipient,
+        )
+        .exclude(status=Message.Status.FAILED)
+    )
+    went_out = unbound.filter(went_out_at__isnull=False).order_by("went_out_at", "id").first()
+    if went_out is not None:
+        return went_out
+    return (
+        unbound.filter(went_out_at__isnull=True)
+        .exclude(Q(status=Message.Status.PENDING) & ~Q(command__status=Command.Status.SENT))
+        .order_by("id")
+        .first()
+    )
 
 
 @transaction.atomic

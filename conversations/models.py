@@ -191,6 +191,11 @@ class Message(models.Model):
     # A human send is stored at once; Pinecall then echoes it as a
     # `whatsapp.response` with source "human", which must not make a copy.
     echo_received = models.BooleanField(default=False)
+    # When Pinecall's `whatsapp.response` said this reply went out. Receipts
+    # bind to replies by recipient and order only, and this is the order they
+    # went out in (a human send is stored at the click, before replies the AI
+    # sent meanwhile).
+    went_out_at = models.DateTimeField(null=True, blank=True)
     # Replies carry no id on the wire: this key (session, the customer message
     # it follows, its rank after it, its text) recognises a replayed one.
     reply_key = models.CharField(max_length=64, null=True, blank=True)

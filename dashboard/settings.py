@@ -251,9 +251,9 @@ WORKER_SPOOL_DIR = Path(env.str("WORKER_SPOOL_DIR", default=str(BASE_DIR / "var"
 WORKER_HEARTBEAT_STALE_SECONDS = env.float("WORKER_HEARTBEAT_STALE_SECONDS", default=20.0)
 # The handoff policy's defaults (supervisors change them at runtime, in the app or admin).
 HANDOFF_PAUSE_ON_ASK = env.bool("HANDOFF_PAUSE_ON_ASK", default=True)
-# Off by default: a holding message's delivery receipts can be confused with the
-# operator's first reply's (receipts are tied to replies by order only).
-HANDOFF_HOLDING_MESSAGE = env.str("HANDOFF_HOLDING_MESSAGE", default="")
+HANDOFF_HOLDING_MESSAGE = env.str(
+    "HANDOFF_HOLDING_MESSAGE", default="Thanks! A person from our team will be with you shortly."
+)
 HANDOFF_FALLBACK_SECONDS = env.int("HANDOFF_FALLBACK_SECONDS", default=600)
 HANDOFF_IDLE_SECONDS = env.int("HANDOFF_IDLE_SECONDS", default=900)
 # The worker's own /healthz, /readyz and /metrics (0: not served).

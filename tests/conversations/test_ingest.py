@@ -113,6 +113,46 @@ class TestResponsesAndStatuses:
         assert echo is None
         assert conversation.messages.filter(author="human").count() == 1
 
+    def test_receipts_follow_the_order_replies_went_out_not_the_order_they_were_stored(
+        self, operator, make_conversation
+    ):
+        from conversations import services
+        from conversations.models import Command
+
+        conversation = make_conversation()
+        services.conversation_take_over(conversation=conversation, operator=operator)
+        human = services.conversation_send(conversation=conversation, operator=operator, text="Ana here")
+        Command.objects.filter(message=human).update(status=Command.Status.SENT)
+        # The AI's reply went out before the pause reached Pinecall: stored after the human send.
+        ai = ingest.ingest_response(
+            agent_id="support", session_id=conversation.session_id, to=conversation.contact_phone, text="AI"
+        )
+        ingest.ingest_status(message_id="out-ai", status="read", recipient=conversation.contact_phone)
+        ingest.ingest_response(
+            agent_id="support",
+            session_id=conversation.session_id,
+            to=conversation.contact_phone,
+            text="Ana here",
+            source="human",
+        )
+        ingest.ingest_status(message_id="out-human", status="delivered", recipient=conversation.contact_phone)
+        human.refresh_from_db(), ai.refresh_from_db()
+        assert (ai.message_id, ai.status) == ("out-ai", "read")
+        assert (human.message_id, human.status) == ("out-human", "delivered")
+
+    def test_a_receipt_before_any_echo_binds_to_a_send_already_at_pinecall(self, operator, make_conversation):
+        from conversations import services
+        from conversations.models import Command
+
+        conversation = make_conversation()
+        services.conversation_take_over(conversation=conversation, operator=operator)
+        human = services.conversation_send(conversation=conversation, operator=operator, text="Ana here")
+        assert ingest.ingest_status(message_id="early", status="sent", recipient=conversation.contact_phone) is None
+        Command.objects.filter(message=human).update(status=Command.Status.SENT)
+        ingest.ingest_status(message_id="early", status="sent", recipient=conversation.contact_phone)
+        human.refresh_from_db()
+        assert human.message_id == "early"
+
     def test_human_send_from_elsewhere_is_stored(self, make_conversation):
         conversation = make_conversation()
         message = ingest.ingest_response(
@@ -183,7 +223,8 @@ def test_a_burst_is_stored_set_wise_with_repeats_dropped_and_counts_exact():
     assert len(stored) == 9
     assert ingest.ingest_customer_messages(burst) == []  # and repeats of stored ones
     counts = dict(Conversation.objects.values_list("session_id", "message_count"))
-    assert counts == {f"wa-{k:012x}": 3 for k in range(3)}  # no holding message by default
+    # The one who asked for a person also got the holding message.
+    assert counts == {f"wa-{0:012x}": 3, f"wa-{1:012x}": 4, f"wa-{2:012x}": 3}
     last = Conversation.objects.get(session_id=f"wa-{2:012x}")
     assert last.last_message_preview == "m8" and last.contact_name == "C2"
     asked = Conversation.objects.get(session_id=f"wa-{1:012x}")
