@@ -172,7 +172,9 @@ def _notify(notify: Callable, args: tuple, kwargs: dict) -> None:
     if pending is None:
         notify(*args, **kwargs)
     else:
-        pending.setdefault((notify, _key(args)), (args, kwargs))
+        # The newest write's objects (three receipts in one batch: the bubble shows
+        # "read", not "sent"), in the place of the first (a dict keeps that order).
+        pending[(notify, _key(args))] = (args, kwargs)
 
 
 @contextmanager

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
-from conversations import handoff
+from conversations import handoff, presence
 from conversations.models import (
     AgentState,
     Call,
@@ -326,8 +327,22 @@ class ConversationState:
         return "ai", "AI is answering"
 
 
-def conversation_state(*, conversation: Conversation, user: AbstractBaseUser) -> ConversationState:
-    """Three small queries: the last session command, the contact's pause, its open command."""
+@dataclass(frozen=True)
+class ConversationFacts:
+    """What every viewer's view of a conversation's state is made of, read once:
+    a change rendered for many viewers reads these once, not once per viewer."""
+
+    conversation: Conversation
+    last_session_command: Command | None
+    contact_paused: bool
+    contact_command: Command | None
+    agent_paused: bool
+    idle_seconds: int
+
+
+def conversation_facts(conversation: Conversation) -> ConversationFacts:
+    """Four small queries: the last session command, the contact's pause and open command,
+    the kill switch (and the policy, for a held conversation's idle clock)."""
     last = (
         Command.objects.filter(
             conversation_id=conversation.pk,
@@ -337,6 +352,39 @@ def conversation_state(*, conversation: Conversation, user: AbstractBaseUser) ->
         .order_by("-id")
         .first()
     )
+    contact_command = (
+        Command.objects.filter(
+            status__in=OPEN_COMMAND,
+            scope=Command.Scope.CONTACT,
+            agent_id=conversation.agent_id,
+            contact_phone=conversation.contact_phone,
+        )
+        .order_by("-id")
+        .first()
+    )
+    return ConversationFacts(
+        conversation=conversation,
+        last_session_command=last,
+        contact_paused=ContactPause.objects.filter(
+            agent_id=conversation.agent_id, contact_phone=conversation.contact_phone
+        ).exists(),
+        contact_command=contact_command,
+        agent_paused=AgentState.objects.filter(agent_id=conversation.agent_id, ai_paused=True).exists(),
+        idle_seconds=(
+            handoff_policy(conversation.agent_id).idle_seconds
+            if conversation.held_by_id and conversation.is_active and conversation.holder_active_at
+            else 0
+        ),
+    )
+
+
+def conversation_state(
+    *, conversation: Conversation, user: AbstractBaseUser, facts: ConversationFacts | None = None
+) -> ConversationState:
+    """One user's view of the state, from `facts` (read here when not given)."""
+    if facts is None:
+        facts = conversation_facts(conversation)
+    last = facts.last_session_command
     pending, pending_by_me, failure = "", False, None
     if last is not None:
         if last.is_open:
@@ -349,22 +397,9 @@ def conversation_state(*, conversation: Conversation, user: AbstractBaseUser) ->
             and timezone.now() - last.completed_at < FAILURE_SHOWN_FOR
         ):
             failure = last
-    contact_paused = ContactPause.objects.filter(
-        agent_id=conversation.agent_id, contact_phone=conversation.contact_phone
-    ).exists()
-    contact_command = (
-        Command.objects.filter(
-            status__in=OPEN_COMMAND,
-            scope=Command.Scope.CONTACT,
-            agent_id=conversation.agent_id,
-            contact_phone=conversation.contact_phone,
-        )
-        .order_by("-id")
-        .first()
-    )
     contact_pending = ""
-    if contact_command is not None:
-        contact_pending = "pause" if contact_command.kind == Command.Kind.PAUSE else "resume"
+    if facts.contact_command is not None:
+        contact_pending = "pause" if facts.contact_command.kind == Command.Kind.PAUSE else "resume"
 
     if conversation.held_by_id is None:
         holder, holder_name = "ai", "AI"
@@ -375,6 +410,9 @@ def conversation_state(*, conversation: Conversation, user: AbstractBaseUser) ->
     # A pending take over that is not the holder's own (e.g. the claim was undone) is stale.
     if pending == "take_over" and holder == "ai":
         pending = ""
+    idle_deadline = None
+    if holder == "me" and conversation.is_active and conversation.holder_active_at is not None:
+        idle_deadline = (conversation.holder_active_at + timedelta(seconds=facts.idle_seconds)).timestamp()
     return ConversationState(
         conversation=conversation,
         holder=holder,
@@ -382,13 +420,37 @@ def conversation_state(*, conversation: Conversation, user: AbstractBaseUser) ->
         pending=pending,
         pending_by_me=pending_by_me,
         failure=failure,
-        contact_paused=contact_paused,
+        contact_paused=facts.contact_paused,
         contact_pending=contact_pending,
         can_take_over=user.has_perm(TAKE_OVER_PERMISSION),
         can_pause=user.has_perm(PAUSE_WIDE_PERMISSION),
-        idle_deadline=_idle_deadline(conversation) if holder == "me" else None,
-        agent_paused=AgentState.objects.filter(agent_id=conversation.agent_id, ai_paused=True).exists(),
+        idle_deadline=idle_deadline,
+        agent_paused=facts.agent_paused,
     )
+
+
+@dataclass(frozen=True)
+class Viewer:
+    pk: int
+    name: str
+
+
+def conversation_viewers(conversation_ids) -> dict[int, list[Viewer]]:
+    """Who has each of these conversations open now (`presence`), with their names."""
+    live = presence.viewers_of(conversation_ids)
+    if not live:
+        return {}
+    pks = {pk for users in live.values() for pk in users}
+    people = {u.pk: u for u in get_user_model().objects.filter(pk__in=pks, is_active=True)}
+    out = {}
+    for conversation_id, users in live.items():
+        viewers = []
+        for pk in users:
+            if pk in people:
+                viewers.append(Viewer(pk=pk, name=display_name(people[pk])))
+        if viewers:
+            out[conversation_id] = viewers
+    return out
 
 
 def handoff_policy(agent_id: str) -> HandoffPolicy:
@@ -400,13 +462,6 @@ def handoff_policy(agent_id: str) -> HandoffPolicy:
         fallback_seconds=settings.HANDOFF_FALLBACK_SECONDS,
         idle_seconds=settings.HANDOFF_IDLE_SECONDS,
     )
-
-
-def _idle_deadline(conversation: Conversation) -> float | None:
-    if not conversation.is_active or conversation.holder_active_at is None:
-        return None
-    idle = handoff_policy(conversation.agent_id).idle_seconds
-    return (conversation.holder_active_at + timedelta(seconds=idle)).timestamp()
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,30 @@ forwarded as it is. htmx's ws extension swaps them in.
 Every socket also joins its user's group (`notify.user_group`): logging out,
 being deactivated or losing a role closes it with 4401 (`live.revoked`), and
 the page says "Signed out · reload".
+
+A conversation's socket renders that viewer's own header and composer when
+the conversation changes (`conversation.state`), so no browser has to ask.
+It is also the page's presence: while open it counts as "viewing" (renewed
+every `presence.RENEW_EVERY`), and the one thing a page may send on it is
+`{"typing": true}`, shown to the conversation's other viewers, never stored.
 """
 
+import asyncio
+import json
+import time
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from conversations import metrics, notify, selectors
+from conversations import metrics, notify, presence, selectors
+from conversations.permissions import TAKE_OVER_PERMISSION
 from dashboard import rendering
+
+# The largest frame a page sends ({"typing": true}); anything bigger is ignored unread.
+MAX_FRAME = 256
+# A typist's page says so every few seconds; more often than this is dropped.
+TYPING_EVERY = 2.0
 
 
 def _param(params: dict, name: str, kind):
@@ -49,6 +64,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if conversation_id is not None and conversation_id <= 0:
             conversation_id = None
         self.session_key = getattr(self.scope.get("session"), "session_key", None) or ""
+        self.user = user
+        self.conversation_id = conversation_id
         self.groups_joined = [notify.OPERATORS_GROUP, notify.user_group(user.pk)]
         if conversation_id:
             self.groups_joined.append(notify.conversation_group(conversation_id))
@@ -78,6 +95,12 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if call is not None:
             for html in await database_sync_to_async(rendering.call_catch_up)(call.pk):
                 await self.send(text_data=html)
+        if conversation_id:
+            self.can_type = await database_sync_to_async(user.has_perm)(TAKE_OVER_PERMISSION)
+            self.typed_at = 0.0
+            self.viewers_shown: list[int] | None = None
+            await self._presence_here()
+            self.presence_renewal = asyncio.ensure_future(self._renew_presence())
 
     async def disconnect(self, code):
         if getattr(self, "counted", False):
@@ -85,12 +108,80 @@ class LiveConsumer(AsyncWebsocketConsumer):
             metrics.LIVE_SOCKETS.dec()
         for group in getattr(self, "groups_joined", []):
             await self.channel_layer.group_discard(group, self.channel_name)
+        renewal = getattr(self, "presence_renewal", None)
+        if renewal is not None:
+            renewal.cancel()
+            self.presence_renewal = None
+            await database_sync_to_async(presence.gone)(self.conversation_id, self.user.pk, self.channel_name)
+            await self._tell_presence()
 
     async def receive(self, text_data=None, bytes_data=None):
-        """The page never talks on this socket; actions are HTTP POSTs."""
+        """Actions are HTTP POSTs; a page only says that its operator is typing."""
+        if not text_data or len(text_data) > MAX_FRAME or not getattr(self, "can_type", False):
+            return
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            return
+        if not isinstance(frame, dict) or frame.get("typing") is not True:
+            return
+        now = time.monotonic()
+        if now - self.typed_at < TYPING_EVERY:
+            return
+        self.typed_at = now
+        await self.channel_layer.group_send(
+            notify.conversation_group(self.conversation_id),
+            {"type": "live.html", "html": rendering.render_typing(self.conversation_id, self.user)},
+        )
+
+    # ------------------------------------------------------------ presence
+
+    async def _presence_here(self) -> None:
+        await database_sync_to_async(presence.here)(self.conversation_id, self.user.pk, self.channel_name)
+        await self._tell_presence()
+
+    async def _tell_presence(self) -> None:
+        """Who has the conversation open now: to its viewers, and as the inbox row's mark."""
+        viewers, bar, mark = await database_sync_to_async(rendering.render_presence)(self.conversation_id)
+        await self.channel_layer.group_send(
+            notify.conversation_group(self.conversation_id),
+            {"type": "live.presence", "html": bar, "viewers": viewers},
+        )
+        await self.channel_layer.group_send(notify.OPERATORS_GROUP, {"type": "live.html", "html": mark})
+
+    async def _renew_presence(self) -> None:
+        """Stay "viewing"; and when someone's page vanished without closing (its process
+        was killed), their mark expires: say so, once noticed."""
+        while True:
+            await asyncio.sleep(presence.RENEW_EVERY)
+            try:
+                await database_sync_to_async(presence.here)(
+                    self.conversation_id, self.user.pk, self.channel_name
+                )
+                now = await database_sync_to_async(presence.viewers)(self.conversation_id)
+                if self.viewers_shown is not None and sorted(now) != sorted(self.viewers_shown):
+                    await self._tell_presence()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the socket stays; presence is a courtesy
+                continue
+
+    async def live_presence(self, event):
+        self.viewers_shown = event.get("viewers") or []
+        await self.send(text_data=event["html"])
+
+    # ------------------------------------------------------------ from the groups
 
     async def live_html(self, event):
         await self.send(text_data=event["html"])
+
+    async def conversation_state(self, event):
+        """The conversation changed: this viewer's own header and composer."""
+        html = await database_sync_to_async(rendering.conversation_state_for_viewer)(
+            event["conversation_id"], self.user, event.get("version", "")
+        )
+        if html:
+            await self.send(text_data=html)
 
     async def live_revoked(self, event):
         """This person's access changed: close, unless it names another login session."""

@@ -13,6 +13,8 @@ would have sent it (see `dashboard.consumers`).
 
 from __future__ import annotations
 
+import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
@@ -22,6 +24,7 @@ from django.utils import timezone
 
 from conversations import notify, selectors
 from conversations.models import dom_key
+from conversations.permissions import display_name
 from conversations.notify import OPERATORS_GROUP, conversation_group, user_group
 
 # A row saved just before a page's render may commit just after it: catch-up looks
@@ -47,7 +50,13 @@ def message_changed(message) -> None:
 
 def conversation_changed(conversation) -> None:
     conversation = selectors.conversation_find(conversation.pk) or conversation
-    notify.send_html(conversation_group(conversation.pk), render_conversation(conversation))
+    # Each viewer's header and composer differ (their buttons, "You hold"): every
+    # socket renders its own in its Daphne process (`conversation_state_for_viewer`),
+    # from facts read once per process for this change.
+    notify.send(
+        conversation_group(conversation.pk),
+        {"type": "conversation.state", "conversation_id": conversation.pk, "version": uuid.uuid4().hex},
+    )
     notify.inbox_row(conversation)
     if conversation.held_by_id:
         # "Mine" is per person: its count goes to the holder only.
@@ -57,7 +66,7 @@ def conversation_changed(conversation) -> None:
 
 def inbox_rows(conversation_ids: set[int]) -> None:
     """The inbox rows a batch moved, read fresh in one query and sent once each; then the counts."""
-    for conversation in selectors.inbox_rows_by_id(conversation_ids):
+    for conversation in with_viewers(selectors.inbox_rows_by_id(conversation_ids)):
         notify.send_html(OPERATORS_GROUP, render_inbox_row(conversation))
     counts = selectors.inbox_counts(user=None)
     del counts["mine"]
@@ -201,10 +210,6 @@ def render_message(message, *, new: bool) -> str:
     return render_to_string("conversations/_message_live.html", {"message": message, "new": new})
 
 
-def render_conversation(conversation) -> str:
-    return render_to_string("conversations/_conversation_live.html", {"conversation": conversation})
-
-
 def render_inbox_row(conversation) -> str:
     return render_to_string("conversations/_inbox_row_live.html", {"conversation": conversation})
 
@@ -220,16 +225,77 @@ def render_cursor(now: datetime) -> str:
     return render_to_string("conversations/_live_cursor.html", {"since": now.timestamp()})
 
 
-def render_conversation_state_for(conversation, user) -> str:
+def render_conversation_state_for(conversation, user, facts=None) -> str:
     """One user's header and composer (out of band), as the page's state view renders them."""
     return render_to_string(
         "conversations/_conversation_state.html",
         {
             "conversation": conversation,
-            "st": selectors.conversation_state(conversation=conversation, user=user),
+            "st": selectors.conversation_state(conversation=conversation, user=user, facts=facts),
             "max_length": settings.MESSAGE_MAX_LENGTH,
             "oob": True,
             "user": user,
+        },
+    )
+
+
+# (conversation pk, change version) -> the facts every viewer's render shares. A
+# change reaches all of a process's viewers together: the first reads, the rest reuse.
+_facts_seen: OrderedDict[tuple[int, str], selectors.ConversationFacts | None] = OrderedDict()
+_FACTS_KEPT = 64
+
+
+def conversation_state_for_viewer(conversation_id: int, user, version: str = "") -> str:
+    """A `conversation.state` change, rendered for one viewer's socket."""
+    key = (conversation_id, version)
+    if version and key in _facts_seen:
+        facts = _facts_seen[key]
+    else:
+        conversation = selectors.conversation_find(conversation_id)
+        facts = selectors.conversation_facts(conversation) if conversation is not None else None
+        if version:
+            _facts_seen[key] = facts
+            while len(_facts_seen) > _FACTS_KEPT:
+                _facts_seen.popitem(last=False)
+    if facts is None:
+        return ""
+    return render_conversation_state_for(facts.conversation, user, facts)
+
+
+def with_viewers(rows):
+    """Inbox rows, each with `.viewers`: who has it open now (one presence read for all)."""
+    rows = list(rows)
+    viewers = selectors.conversation_viewers([row.pk for row in rows])
+    for row in rows:
+        row.viewers = viewers.get(row.pk, [])
+    return rows
+
+
+# ---------------------------------------------------------------- presence (live only)
+
+TYPING_SHOWN_FOR = 6  # seconds "X is typing…" stays without a new keystroke
+
+
+def render_presence(conversation_id: int) -> tuple[list[int], str, str]:
+    """Who has it open: (their pks, the conversation's presence bar, the inbox row's mark)."""
+    viewers = selectors.conversation_viewers([conversation_id]).get(conversation_id, [])
+    context = {"conversation_id": conversation_id, "viewers": viewers, "oob": True}
+    return (
+        [v.pk for v in viewers],
+        render_to_string("conversations/_presence.html", context),
+        render_to_string("conversations/_viewing.html", context),
+    )
+
+
+def render_typing(conversation_id: int, user) -> str:
+    return render_to_string(
+        "conversations/_typing.html",
+        {
+            "conversation_id": conversation_id,
+            "typist": user,
+            "name": display_name(user),
+            "seconds": TYPING_SHOWN_FOR,
+            "oob": True,
         },
     )
 
@@ -251,7 +317,7 @@ def render_agent_state_for(state, user) -> str:
 
 def catch_up(
     *,
-    user=None,
+    user,
     conversation_id: int | None = None,
     after: int | None = None,
     since: float | None = None,
@@ -260,10 +326,9 @@ def catch_up(
 
     `after`: the newest message id the page shows (of `conversation_id`);
     `since`: the server time (epoch seconds) the page's state dates from, as
-    rendered in the page or in the last catch-up's cursor. With `user`, the
-    per-user parts (header, composer, agent banner) are rendered for them at
-    once; without, as the broadcasts do (each browser then fetches its own).
-    Ends with a new cursor.
+    rendered in the page or in the last catch-up's cursor. The per-user parts
+    (header, composer, agent banner) are rendered for `user`. Ends with a new
+    cursor.
     """
     now = timezone.now()
     since_at = None
@@ -311,10 +376,7 @@ def catch_up(
                 or now - since_at > QUIET_RECONNECT
                 or conversation.updated_at >= since_at
             ):
-                if user is not None:
-                    out.append(render_conversation_state_for(conversation, user))
-                else:
-                    out.append(render_conversation(conversation))
+                out.append(render_conversation_state_for(conversation, user))
 
     if since_at is not None:
         page = settings.INBOX_PAGE_SIZE
@@ -322,10 +384,8 @@ def catch_up(
         if len(rows) > page:
             out.append(render_to_string("conversations/_inbox_refresh.html", {}))
         else:
-            out.extend(render_inbox_row(row) for row in rows)
+            out.extend(render_inbox_row(row) for row in with_viewers(rows))
     state = selectors.agent_state_for_display(settings.PINECALL_AGENT_ID)
-    out.append(
-        render_agent_state_for(state, user) if user is not None else render_agent_state(state)
-    )
+    out.append(render_agent_state_for(state, user))
     out.append(render_cursor(now))
     return out

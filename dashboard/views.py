@@ -26,6 +26,7 @@ from django.views.decorators.http import require_GET, require_POST
 from conversations import selectors, services
 from conversations.models import Conversation
 from conversations.services import HeldByAnother
+from dashboard import rendering
 
 NOT_ALLOWED = "You are not allowed to do this."
 
@@ -71,7 +72,7 @@ def _inbox_context(request: HttpRequest, *, path: str) -> dict:
         "f": f,
         "q": q,
         "page": page,
-        "rows": rows,
+        "rows": rendering.with_viewers(rows),
         "has_more": has_more,
         "inbox_path": path,
         "more_url": f"{path}?{more_query}",
@@ -152,6 +153,7 @@ def conversation_detail(request: HttpRequest, pk: int) -> HttpResponse:
         live_since=since,
         live_url=_live_url(since=since, conversation_id=pk, after=after),
         brief=selectors.handoff_brief(conversation),
+        viewers=selectors.conversation_viewers([pk]).get(pk, []),
     )
     return render(request, "conversations/conversation.html", ctx)
 
@@ -159,7 +161,7 @@ def conversation_detail(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_GET
 def conversation_state(request: HttpRequest, pk: int) -> HttpResponse:
-    """This user's header and composer, out of band: fetched when a live update says so."""
+    """This user's header and composer, out of band (what a live `conversation.state` renders)."""
     conversation = _conversation_or_404(pk)
     return _state_response(request, conversation)
 

@@ -106,14 +106,20 @@ register.filter("display_name", permissions.display_name)
 
 @register.filter
 def initials(conversation) -> str:
-    name = re.sub(r"<[^>]*>", " ", conversation.contact_name or "")  # "<b>Mallory</b>": M
+    return name_initials(conversation.contact_name) or (
+        "".join(ch for ch in conversation.contact_phone if ch.isdigit())[-2:] or "?"
+    )
+
+
+@register.filter
+def name_initials(name: str) -> str:
+    """"Ana María Ruiz": AR; "<b>Mallory</b>": M; nothing usable: ""."""
+    name = re.sub(r"<[^>]*>", " ", name or "")
     words = ["".join(ch for ch in word if ch.isalnum()) for word in name.split()]
     words = [word for word in words if word]
-    if words:
-        letters = words[0][:1] + (words[-1][:1] if len(words) > 1 else "")
-        return letters.upper()
-    digits = "".join(ch for ch in conversation.contact_phone if ch.isdigit())
-    return digits[-2:] or "?"
+    if not words:
+        return ""
+    return (words[0][:1] + (words[-1][:1] if len(words) > 1 else "")).upper()
 
 
 @register.filter

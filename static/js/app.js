@@ -5,7 +5,7 @@
  * - a message the page already shows is replaced, never shown twice;
  * - relative times and the 24-hour window are refreshed each minute;
  * - the composer: Enter sends, Shift+Enter new line, counter, cleared on success;
- * - a live "fetch your own state" element goes once it is answered;
+ * - presence: this page's own name is not "also here", typing is said and fades;
  * - a styled confirmation dialog for hx-confirm, toasts, keyboard shortcuts.
  */
 (function () {
@@ -442,15 +442,6 @@
     });
   });
 
-  /* A live "fetch your own header and composer" element (_conversation_sync.html),
-   * answered: it goes, with those queued before it (the newest answer covers them). */
-  document.addEventListener("htmx:afterRequest", function (e) {
-    var elt = e.detail.elt;
-    if (!elt || !elt.matches || !elt.matches("[data-conv-sync]")) return;
-    while (elt.previousElementSibling) elt.previousElementSibling.remove();
-    elt.remove();
-  });
-
   document.addEventListener("htmx:afterRequest", function (e) {
     if (e.detail.failed && e.detail.xhr) {
       var text = e.detail.xhr.responseText || "";
@@ -690,11 +681,51 @@
     }
   });
 
+  // ------------------------------------------------------------ presence
+
+  /* The presence bar lists everyone who has the conversation open (one fragment
+   * for all of them): this page leaves its own operator out. */
+  function showPresence(root) {
+    $$(".presence", root).concat(root.classList && root.classList.contains("presence") ? [root] : []).forEach(function (bar) {
+      var others = 0;
+      $$("[data-user]", bar).forEach(function (person) {
+        person.hidden = person.dataset.user === me;
+        if (!person.hidden) others += 1;
+      });
+      bar.dataset.others = String(others);
+    });
+  }
+
+  /* "X is typing…" fades by itself; the typist's own page never shows it. */
+  var typingTimer = null;
+  function typingArrived(root) {
+    var line = root.id && /^typing-/.test(root.id) ? root : $(".typing", root);
+    if (!line || !line.dataset.user) return;
+    clearTimeout(typingTimer);
+    if (line.dataset.user === me) { line.dataset.typingDone = "1"; return; }
+    delete line.dataset.typingDone;
+    var seconds = parseFloat(line.dataset.typingFor) || 6;
+    typingTimer = setTimeout(function () { line.dataset.typingDone = "1"; }, seconds * 1000);
+  }
+
+  var liveSocket = null;
+  var typingSaidAt = 0;
+  document.addEventListener("htmx:wsOpen", function (e) { liveSocket = e.detail.socketWrapper || null; });
+  document.addEventListener("htmx:wsClose", function () { liveSocket = null; });
+  document.addEventListener("input", function (e) {
+    if (!liveSocket || !e.target.matches || !e.target.matches("[data-composer] textarea")) return;
+    if (!e.target.value.trim() || Date.now() - typingSaidAt < 3000) return;
+    typingSaidAt = Date.now();
+    try { liveSocket.send(JSON.stringify({ typing: true })); } catch (err) { /* reconnecting */ }
+  });
+
   // ------------------------------------------------------------ on every new piece of page
 
   if (window.htmx) {
     htmx.onLoad(function (root) {
       personalize(root);
+      showPresence(root);
+      typingArrived(root);
       waitingChanged();
       tickCountdown();
       callDurations();

@@ -7,6 +7,7 @@ The channel layer is the in-memory one, or Redis when REDIS_URL is set.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -75,13 +76,19 @@ def socket(
 
 
 async def receive_until_cursor(comm: WebsocketCommunicator) -> list[str]:
-    """Everything the consumer sends on connect: the catch-up, ending with the cursor."""
+    """Everything the consumer sends on connect: the catch-up, ending with the cursor;
+    then, on a conversation's socket, who has it open (its presence bar, the row's mark)."""
     received = []
     while True:
         html = await comm.receive_from(timeout=3)
         received.append(html)
         if 'id="live-cursor"' in html:
-            return received
+            break
+    if re.search(rb"(^|&)conversation=[1-9]", comm.scope["query_string"]):
+        bar, mark = await comm.receive_from(timeout=3), await comm.receive_from(timeout=3)
+        assert 'class="presence"' in bar and 'class="row-viewing"' in mark, (bar, mark)
+        received += [bar, mark]
+    return received
 
 
 async def test_anonymous_is_refused():
@@ -173,9 +180,9 @@ async def test_a_service_call_reaches_the_page(ana, ana_cookie):
     await sync_to_async(services.conversation_take_over)(conversation=conversation, operator=ana)
     received = [await comm.receive_from(timeout=3), await comm.receive_from(timeout=3)]
     joined = "\n".join(received)
-    # The header: each browser fetches its own; the inbox row: moved into place by app.js.
-    assert f'id="conv-sync-{conversation.pk}"' in joined
-    assert f'hx-get="/c/{conversation.pk}/state/"' in joined
+    # The header: this socket rendered Ana's own; the inbox row: moved into place by app.js.
+    assert f'id="conv-header-{conversation.pk}" data-holder="me"' in joined
+    assert f'id="composer-text-{conversation.pk}"' in joined
     assert 'id="inbox-incoming" hx-swap-oob="beforeend"' in joined
     assert f'id="row-{conversation.pk}"' in joined and "taking over…" in joined
     await comm.disconnect()

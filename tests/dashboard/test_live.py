@@ -56,14 +56,44 @@ class TestBroadcasts:
         assert f'id="msg-{message.pk}"' in html and 'hx-swap-oob="true"' in html
         assert "beforeend" not in html and "tick-delivered" in html
 
-    def test_conversation_changed_asks_each_browser_for_its_own_state(self, layer):
+    def test_receipts_in_one_batch_show_the_last_one(self, layer, django_capture_on_commit_callbacks):
+        """The worker stores a burst in one batch: three receipts of one reply move its
+        bubble once, to "read" (the newest write), not to the first receipt's "sent"."""
+        from conversations import ingest
+
+        message = MessageFactory(ai=True)
+        conv = listen(layer, notify.conversation_group(message.conversation_id))
+        phone = message.conversation.contact_phone
+        with notify.coalesced(), django_capture_on_commit_callbacks(execute=True):
+            for status in ("sent", "delivered", "read"):
+                ingest.ingest_status(message_id="wamid.out", status=status, recipient=phone)
+        html = received(layer, conv)
+        assert f'id="msg-{message.pk}"' in html and "tick-read" in html
+        notify.send_html(notify.conversation_group(message.conversation_id), "<i id='next'></i>")
+        assert received(layer, conv) == "<i id='next'></i>"  # and only once
+
+    def test_conversation_changed_tells_each_socket_to_render_its_own_state(self, layer):
         conversation = ConversationFactory()
         conv = listen(layer, notify.conversation_group(conversation.pk))
         notify.conversation_changed(conversation)
-        html = received(layer, conv)
-        assert f'id="conv-sync-{conversation.pk}" hx-swap-oob="beforeend"' in html
-        assert f'hx-get="/c/{conversation.pk}/state/"' in html and 'hx-trigger="load"' in html
-        assert "take-over" not in html  # nothing per-user in a broadcast
+        event = async_to_sync(layer.receive)(conv)
+        assert event["type"] == "conversation.state" and event["conversation_id"] == conversation.pk
+        assert event["version"]  # one per change: a process's viewers share its reads
+        assert "html" not in event  # nothing per-user in a broadcast
+
+    def test_each_viewer_gets_their_own_header_from_one_read_of_the_facts(
+        self, django_assert_max_num_queries
+    ):
+        holder, other = OperatorFactory(), OperatorFactory()
+        conversation = ConversationFactory(held=True, held_by=holder)
+        mine = rendering.conversation_state_for_viewer(conversation.pk, holder, "v1")
+        with django_assert_max_num_queries(2):  # the other's permissions only
+            theirs = rendering.conversation_state_for_viewer(conversation.pk, other, "v1")
+        assert f'id="conv-header-{conversation.pk}" data-holder="me"' in mine
+        assert f'id="conv-header-{conversation.pk}" data-holder="other"' in theirs
+        assert f'id="composer-text-{conversation.pk}"' in mine
+        assert f'id="composer-text-{conversation.pk}"' not in theirs
+        assert "Take over from" in theirs
 
     def test_agent_state_broadcast_has_no_buttons(self, layer, settings):
         state = AgentState.objects.create(agent_id=settings.PINECALL_AGENT_ID, ai_paused=True)
@@ -102,7 +132,7 @@ class TestCatchUp:
         conversation = ConversationFactory()
         messages = [MessageFactory(conversation=conversation) for _ in range(4)]
         out = rendering.catch_up(
-            conversation_id=conversation.pk, after=messages[1].pk, since=time.time()
+            user=OperatorFactory(), conversation_id=conversation.pk, after=messages[1].pk, since=time.time()
         )
         joined = "".join(out)
         assert f'id="msg-{messages[2].pk}"' in joined and f'id="msg-{messages[3].pk}"' in joined
@@ -114,7 +144,7 @@ class TestCatchUp:
         conversation = ConversationFactory()
         for _ in range(6):
             MessageFactory(conversation=conversation)
-        out = rendering.catch_up(conversation_id=conversation.pk, after=0, since=time.time())
+        out = rendering.catch_up(user=OperatorFactory(), conversation_id=conversation.pk, after=0, since=time.time())
         assert f'<div class="messages" id="messages-{conversation.pk}"' in out[0]
         assert 'hx-swap-oob="true"' in out[0] and "data-earlier" in out[0]
 
@@ -123,7 +153,7 @@ class TestCatchUp:
         since = time.time()
         for _ in range(5):
             ConversationFactory()
-        out = rendering.catch_up(since=since)
+        out = rendering.catch_up(user=OperatorFactory(), since=since)
         assert any('id="inbox-sync"' in html and "data-refresh" in html for html in out)
         assert not any('id="row-' in html for html in out)
 
@@ -131,9 +161,9 @@ class TestCatchUp:
         conversation = ConversationFactory()
         time.sleep(0.01)
         since = time.time() + 3  # the page rendered after every change
-        out = rendering.catch_up(conversation_id=conversation.pk, after=0, since=since)
+        out = rendering.catch_up(user=OperatorFactory(), conversation_id=conversation.pk, after=0, since=since)
         joined = "".join(out)
-        assert "conv-sync" not in joined and "conv-header" not in joined
+        assert "conv-header" not in joined
         assert f'id="row-{conversation.pk}"' not in joined
         assert 'id="agent-state"' in joined and 'id="live-cursor"' in out[-1]
 

@@ -273,7 +273,7 @@ def test_the_scan_would_catch_them():
     for sample in samples:
         assert any(p.search(sample) for p in (INLINE_SCRIPT, EVENT_HANDLER, HX_ON, JS_URL)), sample
     assert not INLINE_SCRIPT.search('<script src="/static/js/app.js" defer></script>')
-    assert not EVENT_HANDLER.search('<div data-conv-sync hx-get="/c/1/state/">')
+    assert not EVENT_HANDLER.search('<div data-online hx-get="/c/1/state/">')
 
 
 # ---------------------------------------------------------------- bidi isolation
