@@ -122,8 +122,10 @@ OTHER = """
   conversation page (now the newest 50 messages, "Load earlier" for the rest:
   61.7 -> ~40 ms); inbox search scanning every message (trigram GIN indexes on
   `UPPER(text)`, name and phone, PostgreSQL only); the redundant message indexes.
-- **The sync-fragment pattern scales with viewers**: every change of a conversation's
-  holder makes every browser on it GET `/c/<pk>/state/` (8 queries); see Round trip.
+- **No request per viewer per change** any more: a conversation's change reaches its
+  sockets as one `conversation.state` event; each socket renders its viewer's header
+  and composer in its Daphne process from facts read once per process and change
+  (before: every browser GET `/c/<pk>/state/`, 8 queries each).
 - Memory is fine: ~41 KB per idle socket, and 1,000 sockets stayed open through a
   15 s idle period.
 """
@@ -164,13 +166,13 @@ harness's reader gets the frame.
    `created_at` - first send), both wall clock. The count must be exact (10,000 rows,
    10,000 distinct `message_id`s) and is checked again one second later (repeats would
    show). latest.json also has the inbox rows each operator socket received.
-3. **Round trip** — operators A and B on the conversation's page; their pages behave
-   like the browser: every `conv-sync-<pk>` fragment makes the page GET its own header
-   (`/c/<pk>/state/`, as htmx's `hx-trigger="load"` does). *Take over*: A POSTs (CSRF
+3. **Round trip** — operators A and B on the conversation's page, a live socket each;
+   each socket renders its own viewer's header when the conversation changes, so the
+   frame is what the browser shows. *Take over*: A POSTs (CSRF
    cookie + `X-CSRFToken`, `Origin`, `HX-Request`) to `/c/<pk>/take-over/` over HTTP
    to Daphne; `session.pause` reaches the simulator, which answers `session.paused`;
-   the worker confirms; the sample ends when B's state GET, triggered by a socket
-   frame, answers with the confirmed state (`data-badge="other"`: "A holds this
+   the worker confirms; the sample ends when B's socket receives B's header with the
+   confirmed state (`data-badge="other"`: "A holds this
    conversation"). A then hands back (confirmed the same way) before the next
    sample. *Send*: A, holding the conversation, POSTs a text to `/c/<pk>/send/`;
    `session.send` reaches the simulator, `session.sent` returns; the sample ends when

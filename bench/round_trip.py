@@ -1,15 +1,14 @@
 """3. Operator round trip: an action's POST until another operator has the new state.
 
-Two operators, A and B, both on the conversation's page (a live socket each,
-behaving like the browser: every `conv-sync-<pk>` fragment makes it GET its own
-header from `/c/<pk>/state/`, as htmx's `hx-trigger="load"` does).
+Two operators, A and B, both on the conversation's page (a live socket each).
+Each socket renders its own viewer's header when the conversation changes, so
+the frame is the state the browser shows (no request follows it).
 
 Take over: A POSTs /c/<pk>/take-over/ -> the outbox row commits, the worker is
 woken and sends `session.pause` -> the simulator answers `session.paused` ->
-the worker confirms the command -> fragments to the conversation's group ->
-B's socket -> B's state GET shows "A holds this conversation" (badge "other").
-Measured (the headline): until B's state GET has answered with it, as B's
-screen shows it; the step "socket" is when the frame that led to it arrived.
+the worker confirms the command -> `conversation.state` to the conversation's
+group -> B's socket renders B's header -> B shows "A holds this conversation"
+(badge "other"). Measured (the headline): until that frame arrived.
 Between samples A hands back, confirmed the same way.
 
 Send: A (holding the conversation) POSTs /c/<pk>/send/ -> `session.send` at the
@@ -37,40 +36,26 @@ BADGE = re.compile(r'data-badge="([a-z]+)"')
 
 
 class Browser:
-    """An operator's page: its socket, and the state GETs its fragments trigger."""
+    """An operator's page: its socket, and the header states its frames show."""
 
     def __init__(self, port: int, operator, pk: int) -> None:
         self.pk = pk
         self.http = Http(port, operator)
-        self.fetch_http = Http(port, operator)
         self.http.fetch_csrf()
-        self.fetch_http.cookies = self.http.cookies
-        self.sync_marker = f'id="conv-sync-{pk}"'
+        self.header_marker = f'id="conv-header-{pk}"'
         self.ws = LiveClient(port, operator, conversation=pk, keep=200, on_frame=self._on_frame)
-        # (frame time, answer time, badge) for each state GET
+        # (frame time, frame time, badge) for each header the socket received
         self.states: list[tuple[float, float, str]] = []
         self._changed = asyncio.Event()
-        self._fetching: set[asyncio.Task] = set()
 
     def _on_frame(self, client, t: float, text: str) -> None:
-        if self.sync_marker in text:
-            task = asyncio.ensure_future(self._fetch_state(t))
-            self._fetching.add(task)
-            task.add_done_callback(self._fetching.discard)
-
-    async def _fetch_state(self, t_frame: float) -> None:
-        try:
-            status, body, _ = await asyncio.to_thread(
-                self.fetch_http.request, "GET", f"/c/{self.pk}/state/"
-            )
-        except Exception:
-            return
-        m = BADGE.search(body)
-        self.states.append((t_frame, time.perf_counter(), m.group(1) if m else f"status {status}"))
-        self._changed.set()
+        if self.header_marker in text:
+            m = BADGE.search(text)
+            self.states.append((t, t, m.group(1) if m else "?"))
+            self._changed.set()
 
     async def wait_state(self, badge: str, *, since: float, timeout: float = TIMEOUT):
-        """The first state GET, triggered by a frame after `since`, that shows `badge`."""
+        """The first header, in a frame after `since`, that shows `badge`."""
         deadline = time.perf_counter() + timeout
         while True:
             for t_frame, t_done, seen in self.states:
@@ -90,10 +75,7 @@ class Browser:
 
     async def close(self) -> None:
         await self.ws.close()
-        for task in list(self._fetching):
-            task.cancel()
         self.http.close()
-        self.fetch_http.close()
 
 
 async def run(h) -> dict:
@@ -161,7 +143,7 @@ async def _take_over_samples(h, stack, a, b, pk, session_id, samples) -> dict:
             break
         try:
             timing = await _take_over(stack, a, b, pk, session_id)
-            await asyncio.sleep(0.05)  # the trailing fragments and GETs
+            await asyncio.sleep(0.05)  # the trailing fragments
             await _hand_back(stack, a, b, pk, session_id)
             await asyncio.sleep(0.05)
         except (TimeoutError, RuntimeError) as error:

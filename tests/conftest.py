@@ -20,6 +20,15 @@ def _test_settings(settings, tmp_path):
     settings.WORKER_SPOOL_DIR = tmp_path / "spool"
 
 
+@pytest.fixture(autouse=True)
+def _nobody_viewing():
+    """Presence outlives a test (a socket left open): ids repeat between tests."""
+    from conversations import presence
+
+    presence.clear()
+    yield
+
+
 @pytest.fixture
 def operator(db):
     return OperatorFactory(first_name="Ana", last_name="Silva")

@@ -129,7 +129,7 @@ def avatar_hue(conversation) -> int:
     return sum(ord(ch) * (i + 1) for i, ch in enumerate(key)) % 360
 
 
-AUTHOR_LABEL = {"customer": "Customer", "ai": "AI", "human": "Human", "system": ""}
+AUTHOR_LABEL = {"customer": "Customer", "ai": "AI", "human": "Human", "system": "Auto"}
 
 
 @register.filter

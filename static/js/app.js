@@ -694,6 +694,11 @@
       });
       bar.dataset.others = String(others);
     });
+    // An inbox row's "open now" mark says nothing when the only one there is you.
+    $$(".row-viewing", root).concat(root.classList && root.classList.contains("row-viewing") ? [root] : []).forEach(function (mark) {
+      var ids = (mark.dataset.viewers || "").split(" ").filter(Boolean);
+      mark.hidden = ids.length === 0 || (ids.length === 1 && ids[0] === me);
+    });
   }
 
   /* "X is typing…" fades by itself; the typist's own page never shows it. */

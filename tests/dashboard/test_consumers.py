@@ -275,3 +275,101 @@ async def test_an_idle_socket_stays_connected_on_redis(ana_cookie):
     )
     assert await comm.receive_from(timeout=3) == "<div id='still'>here</div>"
     await comm.disconnect()
+
+
+# ---------------------------------------------------------------- presence and typing
+
+
+async def test_viewers_see_each_other_and_the_inbox_marks_the_row(ana, ana_cookie):
+    bruno = await sync_to_async(OperatorFactory)(first_name="Bruno", last_name="Costa")
+    conversation = await sync_to_async(ConversationFactory)()
+    inbox = socket(f"/ws/live/?since={time.time()}", ana_cookie)
+    assert (await inbox.connect())[0]
+    await receive_until_cursor(inbox)
+
+    path = f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}"
+    first = socket(path, ana_cookie)
+    assert (await first.connect())[0]
+    bar = (await receive_until_cursor(first))[-2]
+    assert 'data-viewers="%d"' % ana.pk in bar and "Ana Silva" in bar
+    mark = await inbox.receive_from(timeout=3)
+    assert f'id="viewing-{conversation.pk}"' in mark and "Open now: Ana Silva" in mark
+
+    second = socket(path, await sync_to_async(session_cookie)(bruno))
+    assert (await second.connect())[0]
+    await receive_until_cursor(second)
+    bar = await first.receive_from(timeout=3)
+    assert f'data-viewers="{min(ana.pk, bruno.pk)} {max(ana.pk, bruno.pk)}"' in bar
+    assert "Bruno Costa" in bar and "Ana Silva" in bar
+    await first.receive_from(timeout=3)  # the inbox mark (this socket is an operator's too)
+
+    await second.disconnect()
+    bar = await first.receive_from(timeout=3)
+    assert "Bruno Costa" not in bar and 'data-viewers="%d"' % ana.pk in bar
+    await first.disconnect()
+    await inbox.disconnect()
+
+
+async def test_typing_is_shown_to_the_others_and_hostile_frames_are_ignored(ana, ana_cookie):
+    bruno = await sync_to_async(OperatorFactory)(first_name="Bruno", last_name="Costa")
+    vera = await sync_to_async(ViewerFactory)(first_name="Vera")
+    conversation = await sync_to_async(ConversationFactory)()
+    path = f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}"
+    watcher = socket(path, await sync_to_async(session_cookie)(bruno))
+    assert (await watcher.connect())[0]
+    await receive_until_cursor(watcher)
+    typist = socket(path, ana_cookie)
+    assert (await typist.connect())[0]
+    await receive_until_cursor(typist)
+    await watcher.receive_from(timeout=3)  # Ana arrived: the bar
+    await watcher.receive_from(timeout=3)  # and the row's mark
+
+    for frame in ["not json", "[1, 2]", '{"typing": "yes"}', '{"typing": true, "x": "' + "a" * 400 + '"}']:
+        await typist.send_to(text_data=frame)
+    await typist.send_to(bytes_data=b'{"typing": true}')
+    viewer = socket(path, await sync_to_async(session_cookie)(vera))
+    assert (await viewer.connect())[0]
+    await receive_until_cursor(viewer)
+    await viewer.send_to(text_data='{"typing": true}')  # a viewer cannot reply: not a typist
+    await watcher.receive_from(timeout=3)  # Vera arrived: the bar
+    await watcher.receive_from(timeout=3)  # and the row's mark
+
+    await typist.send_to(text_data='{"typing": true}')
+    await typist.send_to(text_data='{"typing": true}')  # too soon after: dropped
+    shown = await watcher.receive_from(timeout=3)
+    assert f'id="typing-{conversation.pk}"' in shown and f'data-user="{ana.pk}"' in shown
+    assert "Ana Silva" in shown and "is typing" in shown
+    # Nothing else came: the next frame is the one sent after.
+    await get_channel_layer().group_send(
+        conversation_group(conversation.pk), {"type": "live.html", "html": "<i id='next'></i>"}
+    )
+    assert await watcher.receive_from(timeout=3) == "<i id='next'></i>"
+    for comm in (viewer, typist, watcher):
+        await comm.disconnect()
+
+
+async def test_a_change_renders_each_viewer_their_own_header(ana, ana_cookie):
+    bruno = await sync_to_async(OperatorFactory)(first_name="Bruno", last_name="Costa")
+    conversation = await sync_to_async(ConversationFactory)()
+    path = f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}"
+    mine = socket(path, ana_cookie)
+    assert (await mine.connect())[0]
+    await receive_until_cursor(mine)
+    theirs = socket(path, await sync_to_async(session_cookie)(bruno))
+    assert (await theirs.connect())[0]
+    await receive_until_cursor(theirs)
+    await mine.receive_from(timeout=3), await mine.receive_from(timeout=3)  # Bruno arrived
+
+    await sync_to_async(services.conversation_take_over)(conversation=conversation, operator=ana)
+
+    async def header(comm):
+        while True:
+            html = await comm.receive_from(timeout=3)
+            if f'id="conv-header-{conversation.pk}"' in html:
+                return html
+
+    assert 'data-holder="me"' in await header(mine)
+    seen = await header(theirs)
+    assert 'data-holder="other"' in seen and "Take over from" in seen and "Ana Silva" in seen
+    await mine.disconnect()
+    await theirs.disconnect()
