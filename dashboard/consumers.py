@@ -27,6 +27,7 @@ every `presence.RENEW_EVERY`), and the one thing a page may send on it is
 
 import asyncio
 import json
+import logging
 import time
 from urllib.parse import parse_qs
 
@@ -37,10 +38,14 @@ from conversations import metrics, notify, presence, selectors
 from conversations.permissions import TAKE_OVER_PERMISSION
 from dashboard import rendering
 
+logger = logging.getLogger(__name__)
+
 # The largest frame a page sends ({"typing": true}); anything bigger is ignored unread.
 MAX_FRAME = 256
 # A typist's page says so every few seconds; more often than this is dropped.
 TYPING_EVERY = 2.0
+# A page that closed is told to the others this long after its consumer stopped.
+LEAVE_TOLD_AFTER = 0.5
 
 
 def _param(params: dict, name: str, kind):
@@ -113,7 +118,12 @@ class LiveConsumer(AsyncWebsocketConsumer):
             renewal.cancel()
             self.presence_renewal = None
             await database_sync_to_async(presence.gone)(self.conversation_id, self.user.pk, self.channel_name)
-            await self._tell_presence()
+            # Told from outside this consumer, a moment after it stopped: channels-redis
+            # can drop a message that arrives just as a stopping consumer's receive is
+            # cancelled (django/channels#1683), and this one would arrive right then.
+            asyncio.get_running_loop().call_later(
+                LEAVE_TOLD_AFTER, lambda: asyncio.ensure_future(self._tell_presence_quietly())
+            )
 
     async def receive(self, text_data=None, bytes_data=None):
         """Actions are HTTP POSTs; a page only says that its operator is typing."""
@@ -148,6 +158,12 @@ class LiveConsumer(AsyncWebsocketConsumer):
             {"type": "live.presence", "html": bar, "viewers": viewers},
         )
         await self.channel_layer.group_send(notify.OPERATORS_GROUP, {"type": "live.html", "html": mark})
+
+    async def _tell_presence_quietly(self) -> None:
+        try:
+            await self._tell_presence()
+        except Exception:  # Redis or the database away: the next change tells it
+            logger.warning("could not tell who has conversation %s open", self.conversation_id, exc_info=True)
 
     async def _renew_presence(self) -> None:
         """Stay "viewing"; and when someone's page vanished without closing (its process

@@ -137,13 +137,14 @@ def _conversation_context(request: HttpRequest, conversation: Conversation, **ex
 @require_GET
 def conversation_detail(request: HttpRequest, pk: int) -> HttpResponse:
     since = timezone.now().timestamp()
+    conversation = _conversation_or_404(pk)
+    if not request.htmx and conversation.held_by_id == request.user.pk and conversation.unread_count:
+        # Before the inbox is read: its row for this conversation shows it read.
+        services.conversation_mark_read(conversation=conversation, operator=request.user)
     ctx = _inbox_context(request, path=request.path)
     fragment = _inbox_fragment(request, ctx)
     if fragment is not None:
         return fragment
-    conversation = _conversation_or_404(pk)
-    if conversation.held_by_id == request.user.pk and conversation.unread_count:
-        services.conversation_mark_read(conversation=conversation, operator=request.user)
     messages, has_earlier = selectors.conversation_messages(conversation_id=pk)
     after = messages[-1].pk if messages else 0
     ctx.update(

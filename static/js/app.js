@@ -108,7 +108,11 @@
     if (!header || header.dataset.holder !== "me" || document.hidden) return;
     clearTimeout(readTimer);
     readTimer = setTimeout(function () {
-      htmx.ajax("POST", "/c/" + conversationId + "/read/", { swap: "none", source: header });
+      // Asked of the page, not of the header: a header swapped meanwhile (any live
+      // change re-renders it) would make htmx drop the request.
+      var now = document.getElementById("conv-header-" + conversationId);
+      if (!now || now.dataset.holder !== "me") return;
+      htmx.ajax("POST", "/c/" + conversationId + "/read/", { swap: "none", source: document.body });
     }, 800);
   }
 

@@ -277,8 +277,11 @@ class TestConversationPage:
 
     def test_opening_a_conversation_i_hold_marks_it_read(self, operator_client, operator):
         c = ConversationFactory(held=True, held_by=operator, unread_count=4)
-        operator_client.get(f"/c/{c.pk}/")
+        body = operator_client.get(f"/c/{c.pk}/").content.decode()
         assert refreshed(c).unread_count == 0
+        # Its row beside it says so too (not the count read before marking).
+        row = body.split(f'id="row-{c.pk}"')[1].split("</a>")[0]
+        assert 'class="unread"' not in row
 
     def test_opening_someone_elses_does_not(self, operator_client, other_operator):
         c = ConversationFactory(held=True, held_by=other_operator, unread_count=4)

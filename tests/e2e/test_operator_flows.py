@@ -291,3 +291,74 @@ def test_typing_right_after_take_over_is_neither_lost_nor_blocked(new_page, stac
     expect_confirmed_holder(page, "You hold")
     expect(page.locator("[data-author=human] .tick-read")).to_have_count(1)
     expect(page.locator("textarea[name=text]")).to_have_value("")
+
+
+# What a page shows, as data: the conversation pane and its inbox row, without
+# times and animations (which a reload legitimately renders anew).
+SNAPSHOT_JS = """(pk) => {
+  const text = (el) => (el ? el.textContent.replace(/\\s+/g, ' ').trim() : null);
+  const row = document.getElementById('row-' + pk);
+  const header = document.getElementById('conv-header-' + pk);
+  const composer = document.getElementById('composer-' + pk);
+  return {
+    messages: Array.from(document.querySelectorAll('#messages-' + pk + ' [data-msg-id]')).map((m) => ({
+      id: m.dataset.msgId,
+      author: m.dataset.author || null,
+      text: text(m.querySelector('.bubble-text, .text, p')) || text(m).replace(/\\d{1,2}:\\d{2}/g, ''),
+      ticks: Array.from(m.querySelectorAll('[class*=tick-]')).map((t) => Array.from(t.classList).filter((c) => c.startsWith('tick-')).join(' ')),
+    })),
+    header: header && {
+      holder: header.dataset.holder,
+      badge: text(header.querySelector('[data-badge]')),
+      actions: Array.from(header.querySelectorAll('[data-action]')).map((b) => b.dataset.action + (b.disabled ? ':off' : '')),
+      alerts: Array.from(header.querySelectorAll('.conv-alert')).map(text),
+    },
+    composer: composer && { mode: composer.dataset.mode, notice: text(composer.querySelector('.composer-notice')) },
+    row: row && {
+      state: row.dataset.state, needs: row.dataset.needs, heldBy: row.dataset.heldBy,
+      mine: row.classList.contains('is-mine'), active: row.classList.contains('is-active'),
+      preview: text(row.querySelector('.row-preview')),
+      chips: Array.from(row.querySelectorAll('.row-meta .chip')).filter((c) => c.offsetParent !== null).map((c) => text(c).replace(/\\d+\\s*\\w+ ago|now/g, '')),
+      unread: text(row.querySelector('.unread')),
+    },
+    mineCount: (document.getElementById('tab-count-mine') || {}).textContent || null,
+  };
+}"""
+
+
+def test_live_equals_reload(new_page, stack, operators):
+    """After a conversation's whole life arrived live (messages, the AI's replies, a take
+    over, a reply and its ticks, another operator's view), the page equals the same page
+    reloaded: nothing the stream sent is missing, doubled or stale."""
+    phone = new_contact()
+    session_id = stack.sim.customer_says(phone=phone, name="Same Sam", text="hi, my parcel is late")["session_id"]
+    wait_stored(stack, phone, "hi, my parcel is late")
+    pk = conversation_pk(stack, phone)
+    page = new_page(username="bruno")
+    open_conversation(page, stack, phone)
+    other = new_page(username="ana")  # the other operator, on the inbox: presence and rows
+    wait_live(other)
+
+    stack.sim.customer_says(phone=phone, text="order <b>#7781</b>")
+    expect(page.locator("[data-author=customer]").last).to_contain_text("order <b>#7781</b>")
+    expect(page.locator("[data-author=ai]")).to_have_count(2)  # the AI answered both
+    take_over(page, stack, session_id)
+    composer = page.locator("textarea[name=text]")
+    composer.fill("Bruno here: it leaves the depot today.")
+    composer.press("Enter")
+    human = page.locator("[data-author=human]").last
+    expect(human.locator(".tick-read")).to_have_count(1)
+    stack.sim.customer_says(phone=phone, text="great, thanks")
+    expect(page.locator("[data-author=customer]").last).to_contain_text("great, thanks")
+    expect(page.locator(f"#row-{pk} .row-preview")).to_contain_text("great, thanks")
+    expect(page.locator(f"#row-{pk} .unread")).to_have_count(0)  # read: the holder has it open
+
+    live = page.evaluate(SNAPSHOT_JS, pk)
+    page.reload()
+    wait_live(page)
+    reloaded = page.evaluate(SNAPSHOT_JS, pk)
+    assert live == reloaded
+    # And the snapshot says something: the whole life is in it.
+    authors = [m["author"] for m in live["messages"] if m["author"]]
+    assert authors.count("customer") == 3 and authors.count("human") == 1, authors
+    assert live["header"]["holder"] == "me" and live["row"]["mine"] is True
