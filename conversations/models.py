@@ -299,6 +299,11 @@ class Command(models.Model):
         SAY = "say", "Say a line on a call"
         HANGUP = "hangup", "Hang up a call"
         FORWARD = "forward", "Forward a call"
+        HOLD = "hold", "Put a call on hold"
+        UNHOLD = "unhold", "Take a call off hold"
+        MUTE = "mute", "Mute a caller"
+        UNMUTE = "unmute", "Unmute a caller"
+        STOP = "stop", "Stop the AI's speech"
 
     class Scope(models.TextChoices):
         SESSION = "session", "One conversation"
@@ -382,6 +387,11 @@ class AuditEntry(models.Model):
         CALL_SAY = "call_say", "Said a line on a call"
         CALL_HANGUP = "call_hangup", "Hung up a call"
         CALL_FORWARD = "call_forward", "Forwarded a call"
+        CALL_HOLD = "call_hold", "Put a call on hold"
+        CALL_UNHOLD = "call_unhold", "Took a call off hold"
+        CALL_MUTE = "call_mute", "Muted a caller"
+        CALL_UNMUTE = "call_unmute", "Unmuted a caller"
+        CALL_STOP = "call_stop", "Stopped the AI's speech on a call"
 
     class Outcome(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -533,6 +543,21 @@ class AlertPreferences(models.Model):
         return f"alerts of {self.user}"
 
 
+class OperatorProfile(models.Model):
+    """What one person sets for themselves beyond their account: the phone a call is forwarded to."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="operator_profile"
+    )
+    phone = models.CharField(
+        max_length=64, blank=True,
+        help_text="E.164 (+ and 7 to 15 digits) or a sip: address: where 'Forward to my phone' sends a call.",
+    )
+
+    def __str__(self) -> str:
+        return f"profile of {self.user}"
+
+
 def dom_key(value: str) -> str:
     """A Pinecall id as a short, HTML-id-safe key (the same for the page and its captions)."""
     return hashlib.sha256((value or "").encode("utf-8")).hexdigest()[:16]
@@ -558,6 +583,9 @@ class Call(models.Model):
     forwarded_to = models.CharField(max_length=64, blank=True)
     # The caller asked for a person (the same phrases as on WhatsApp).
     needs_human_since = models.DateTimeField(null=True, blank=True)
+    # As Pinecall last confirmed them (`call.held`/`unheld`, `call.muted`/`unmuted`).
+    on_hold = models.BooleanField(default=False)
+    caller_muted = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-started_at", "-id"]
@@ -593,6 +621,8 @@ class CallUtterance(models.Model):
     at = models.DateTimeField(default=timezone.now)
     interrupted = models.BooleanField(default=False)
     words_spoken = models.PositiveIntegerField(null=True, blank=True)
+    # What the caller said while muted (the AI did not hear it): `call.unmuted`'s transcript.
+    while_muted = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["at", "id"]
