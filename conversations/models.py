@@ -117,6 +117,8 @@ class Conversation(models.Model):
             ),
             # A reconnecting browser asks for the rows changed since it last heard.
             models.Index(fields=["updated_at"], name="conv_updated"),
+            # The reports count conversations by the day they started.
+            models.Index(fields=["started_at"], name="conv_started"),
         ]
         permissions = [
             ("take_over_conversation", "Can take over, reply to and hand back conversations"),
@@ -356,6 +358,8 @@ class Command(models.Model):
                 condition=models.Q(status__in=["pending", "sent"]),
             ),
             models.Index(fields=["conversation", "-id"], name="cmd_conversation"),
+            # The reports' "failed commands", by when they were asked for.
+            models.Index(fields=["created_at"], name="cmd_failed", condition=models.Q(status="failed")),
         ]
 
     def __str__(self) -> str:
@@ -387,6 +391,7 @@ class AuditEntry(models.Model):
         CALL_SAY = "call_say", "Said a line on a call"
         CALL_HANGUP = "call_hangup", "Hung up a call"
         CALL_FORWARD = "call_forward", "Forwarded a call"
+        EXPORT = "export", "Exported a CSV"
         CALL_HOLD = "call_hold", "Put a call on hold"
         CALL_UNHOLD = "call_unhold", "Took a call off hold"
         CALL_MUTE = "call_mute", "Muted a caller"
@@ -423,6 +428,55 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.operator} {self.get_action_display()} ({self.outcome})"
+
+
+class Takeover(models.Model):
+    """One time a person was needed or stepped in: from the customer's wait (or the take
+    over) until the AI answers again. Written by the services in the same transaction as
+    the events, so the reports read exact times, never a reconstruction."""
+
+    class End(models.TextChoices):
+        MANUAL = "manual", "Handed back"
+        AUTO = "auto", "Handed back automatically (the holder was idle)"
+        FALLBACK = "fallback", "Back to the AI: nobody took over"
+        REASSIGNED = "reassigned", "Taken over by someone else"
+        FAILED = "failed", "Pinecall did not pause the AI"
+        ENDED = "ended", "The conversation ended"
+        RESUMED = "resumed", "Resumed outside this dashboard"
+
+    HANDED_BACK = (End.MANUAL, End.AUTO)
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="takeovers", db_index=False
+    )
+    agent_id = models.CharField(max_length=100)
+    # When the episode counts in a report: the wait's start, else the take over's.
+    started_at = models.DateTimeField(default=timezone.now)
+    needs_human_at = models.DateTimeField(null=True, blank=True)
+    needs_human_reason = models.CharField(max_length=20, blank=True)
+    taken_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    claimed_at = models.DateTimeField(null=True, blank=True, help_text="The click on Take over.")
+    taken_at = models.DateTimeField(null=True, blank=True, help_text="Pinecall confirmed the pause.")
+    first_reply_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    end = models.CharField(max_length=10, choices=End.choices, blank=True)
+    # Durations in seconds, set with the time that completes them: percentiles read
+    # plain numbers on every database.
+    wait_seconds = models.FloatField(null=True, blank=True, help_text="Needs a human -> taken over.")
+    reply_seconds = models.FloatField(null=True, blank=True, help_text="Taken over -> first human message.")
+    handling_seconds = models.FloatField(null=True, blank=True, help_text="Taken over -> handed back.")
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(fields=["started_at"], name="takeover_started"),
+            models.Index(fields=["conversation", "-id"], name="takeover_conversation"),
+        ]
+
+    def __str__(self) -> str:
+        return f"takeover of {self.conversation_id} ({self.end or 'open'})"
 
 
 class DeadLetter(models.Model):
