@@ -621,6 +621,35 @@ def ingest_call_forwarded(*, agent_id: str, call_id: str, to: str = "") -> Call:
 
 
 @transaction.atomic
+def ingest_call_switched(
+    *, agent_id: str, call_id: str, on_hold: bool | None = None, caller_muted: bool | None = None,
+    muted_transcript: str | None = None,
+) -> Call:
+    """`call.held`/`unheld`/`muted`/`unmuted`: the call's switches as Pinecall confirms them;
+    what the caller said while muted (the AI did not hear it) is kept as their line, marked."""
+    call = _call_for(call_id=call_id, agent_id=agent_id)
+    changed = [
+        name for name, value in (("on_hold", on_hold), ("caller_muted", caller_muted))
+        if value is not None and getattr(call, name) != value
+    ]
+    for name in changed:
+        setattr(call, name, not getattr(call, name))
+    if changed:
+        call.save(update_fields=changed)
+        notify.after_commit(notify.call_changed, call)
+    text = clean_text(muted_transcript or "")[0].strip() if isinstance(muted_transcript, str) else ""
+    if text:
+        line, created = CallUtterance.objects.get_or_create(
+            call=call,
+            message_id="muted-" + hashlib.sha256(text.encode()).hexdigest()[:24],
+            defaults={"speaker": CallUtterance.Speaker.CALLER, "text": text, "while_muted": True},
+        )
+        if created:
+            notify.after_commit(notify.call_line_added, line)
+    return call
+
+
+@transaction.atomic
 def ingest_call_ended(
     *,
     agent_id: str,

@@ -428,6 +428,14 @@ STORE: dict[str, Callable] = {
     "call.forwarded": lambda e, agent_id: ingest.ingest_call_forwarded(
         agent_id=agent_id, call_id=e.call_id, to=e.to or ""
     ),
+    "call.held": lambda e, agent_id: ingest.ingest_call_switched(agent_id=agent_id, call_id=e.call_id, on_hold=True),
+    "call.unheld": lambda e, agent_id: ingest.ingest_call_switched(agent_id=agent_id, call_id=e.call_id, on_hold=False),
+    "call.muted": lambda e, agent_id: ingest.ingest_call_switched(
+        agent_id=agent_id, call_id=e.call_id, caller_muted=True
+    ),
+    "call.unmuted": lambda e, agent_id: ingest.ingest_call_switched(
+        agent_id=agent_id, call_id=e.call_id, caller_muted=False, muted_transcript=e.muted_transcript
+    ),
     "call.ended": lambda e, agent_id: ingest.ingest_call_ended(
         agent_id=agent_id,
         call_id=e.call_id,
@@ -444,6 +452,14 @@ STORED_EVENTS = frozenset(STORE)
 
 # Live-only: forwarded to the call's pages as they come, never stored (a reload
 # shows the stored lines; a draft or a word in flight is simply gone).
+# The client's method for each of a supervisor's switches on a call.
+CALL_SWITCH_METHODS = {
+    Command.Kind.HOLD: "call_hold",
+    Command.Kind.UNHOLD: "call_unhold",
+    Command.Kind.MUTE: "call_mute",
+    Command.Kind.UNMUTE: "call_unmute",
+}
+
 CAPTION_EVENTS = frozenset({"user.speaking", "bot.speaking", "bot.word", "bot.interrupted", "bot.finished"})
 
 
@@ -1031,6 +1047,11 @@ class PinecallBridge:
                 return await self.agent.call_hangup(command.session_id)
             if command.kind == Kind.FORWARD:
                 return await self.agent.call_forward(command.session_id, command.text)
+            if command.kind in CALL_SWITCH_METHODS:
+                return await getattr(self.agent, CALL_SWITCH_METHODS[command.kind])(command.session_id)
+            if command.kind == Kind.STOP:
+                # None: nothing was being said (the client sent nothing); done all the same.
+                return await self.agent.call_cancel_speech(command.session_id)
             raise PinecallError(f"unknown call command {command.kind}", code="UNKNOWN_COMMAND")
         if command.kind == Kind.SEND:
             return await self.agent.send_message(

@@ -2,7 +2,12 @@ from django.conf import settings
 from django.utils.functional import SimpleLazyObject
 
 from conversations import services
-from conversations.selectors import agent_open_command, agent_state_for_display, worker_processes
+from conversations.selectors import (
+    agent_open_command,
+    agent_state_for_display,
+    calls_asking_for_a_person,
+    worker_processes,
+)
 
 
 def agent_state(request):
@@ -18,4 +23,5 @@ def agent_state(request):
         "agent_pending": SimpleLazyObject(lambda: agent_open_command(agent_id) or False),
         "workers": SimpleLazyObject(lambda: worker_processes(agent_id)),
         "alerts": SimpleLazyObject(lambda: services.alert_preferences_get(request.user)),
+        "calls_waiting": SimpleLazyObject(calls_asking_for_a_person),
     }

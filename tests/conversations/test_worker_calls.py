@@ -148,3 +148,59 @@ async def test_forward_leaves_pinecall_for_the_number(sim, worker, supervisor):
     await eventually(lambda: Command.objects.get(pk=command.pk).status == "confirmed")
     done = await eventually(lambda: ended(call.call_id))
     assert (done.forwarded_to, done.end_reason) == ("+34600000000", "forwarded")
+
+
+async def test_hold_and_mute_as_documented_and_what_the_caller_said_while_muted(sim, worker, supervisor):
+    from conversations import services
+    from conversations.models import Command
+
+    call = await live_call(sim)
+    hold = await db(services.call_switch)(call=call, operator=supervisor, switch="hold", on=True)
+    assert await sim.wait_for("call.hold", call_id=call.call_id) == {"event": "call.hold", "call_id": call.call_id}
+    await eventually(lambda: Command.objects.get(pk=hold.pk).status == "confirmed")
+    await eventually(lambda: Call.objects.get(pk=call.pk).on_hold)
+    await db(services.call_switch)(call=call, operator=supervisor, switch="hold", on=False)
+    await sim.wait_for("call.unhold", call_id=call.call_id)
+    await eventually(lambda: not Call.objects.get(pk=call.pk).on_hold)
+
+    mute = await db(services.call_switch)(call=call, operator=supervisor, switch="mute", on=True)
+    assert await sim.wait_for("call.mute", call_id=call.call_id) == {"event": "call.mute", "call_id": call.call_id}
+    await eventually(lambda: Command.objects.get(pk=mute.pk).status == "confirmed")
+    assert (await db(Call.objects.get)(pk=call.pk)).caller_muted
+    await sim.caller_says(call.call_id, "This is between us")
+    await db(services.call_switch)(call=call, operator=supervisor, switch="mute", on=False)
+    await sim.wait_for("call.unmute", call_id=call.call_id)
+    await eventually(lambda: not Call.objects.get(pk=call.pk).caller_muted)
+    heard = await eventually(
+        lambda: CallUtterance.objects.filter(call=call, while_muted=True).first()
+    )
+    assert (heard.speaker, heard.text) == ("caller", "This is between us")
+    # Not a line the AI heard: never also stored as an ordinary caller line.
+    assert not await db(CallUtterance.objects.filter(call=call, while_muted=False, text="This is between us").exists)()
+
+
+async def test_stop_speaking_cancels_the_line_being_said(sim, worker, supervisor):
+    from conversations import services
+    from conversations.models import Command
+
+    sim.voice_pace = 0.2  # the AI speaks at speech pace: there is a line to stop
+    await sim.wait_for("channel.add", type="phone")
+    call_id = await sim.place_call(to=NUMBER, script=["Tell me everything about my order please"])
+    await sim.wait_sent("bot.word", call_id=call_id)
+    call = await eventually(lambda: Call.objects.filter(call_id=call_id).first())
+    command = await db(services.call_stop_speech)(call=call, operator=supervisor)
+    assert await sim.wait_for("bot.cancel", call_id=call_id) == {"event": "bot.cancel", "call_id": call_id}
+    await eventually(lambda: Command.objects.get(pk=command.pk).status == "confirmed")
+    await eventually(lambda: CallUtterance.objects.filter(call=call, speaker="ai", interrupted=True).exists())
+
+
+async def test_forward_to_my_phone_uses_the_operators_number(sim, worker, operator):
+    from conversations import services
+
+    call = await live_call(sim)
+    await db(services.operator_phone_set)(user=operator, phone="+34 600 000 111")
+    await db(services.call_forward_to_me)(call=call, operator=operator)
+    frame = await sim.wait_for("call.forward", call_id=call.call_id)
+    assert frame["to"] == "+34600000111"
+    done = await eventually(lambda: ended(call.call_id))
+    assert (done.forwarded_to, done.end_reason) == ("+34600000111", "forwarded")

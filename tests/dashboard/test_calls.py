@@ -159,6 +159,71 @@ class TestSteppingIn:
         assert "/say/" not in viewer_client.get(f"/calls/{call.pk}/").content.decode()
 
 
+    def test_supervisors_hold_mute_and_stop_through_the_outbox_with_audit(
+        self, operator_client, supervisor_client, supervisor
+    ):
+        from conversations.models import AuditEntry, Command
+
+        call = a_call()
+        for action in ("hold", "unhold", "mute", "unmute", "stop"):
+            assert operator_client.post(f"/calls/{call.pk}/{action}/").status_code == 403
+        assert not Command.objects.exists()
+        assert list(AuditEntry.objects.filter(outcome="refused").order_by("id").values_list("action", flat=True)) == [
+            "call_hold", "call_unhold", "call_mute", "call_unmute", "call_stop"
+        ]
+        for action in ("hold", "unhold", "mute", "unmute", "stop"):
+            assert supervisor_client.post(f"/calls/{call.pk}/{action}/").status_code == 200
+        assert list(Command.objects.values_list("kind", "scope", "session_id", "status")) == [
+            (kind, "call", "CA1", "pending") for kind in ("hold", "unhold", "mute", "unmute", "stop")
+        ]
+        assert list(
+            AuditEntry.objects.filter(operator=supervisor, outcome="pending").order_by("id").values_list("action", flat=True)
+        ) == ["call_hold", "call_unhold", "call_mute", "call_unmute", "call_stop"]
+        assert supervisor_client.get(f"/calls/{call.pk}/hold/").status_code == 405
+
+    def test_forward_to_my_phone_needs_my_number_first(self, operator_client, operator):
+        from conversations.models import Command
+
+        call = a_call()
+        page = operator_client.get(f"/calls/{call.pk}/").content.decode()
+        assert "Set my phone to take calls" in page and "forward-to-me/" not in page
+        refused = operator_client.post(f"/calls/{call.pk}/forward-to-me/")
+        assert refused.status_code == 422 and "Set your phone number first" in refused.content.decode()
+        assert operator_client.post("/me/phone/", {"phone": "call me"}).status_code == 422
+        saved = operator_client.post("/me/phone/", {"phone": "+34 600 000 111", "call": str(call.pk)})
+        assert saved.status_code == 200 and f"/calls/{call.pk}/forward-to-me/" in saved.content.decode()
+        assert "Forward to my phone" in operator_client.get(f"/calls/{call.pk}/").content.decode()
+        assert operator_client.post(f"/calls/{call.pk}/forward-to-me/").status_code == 200
+        assert list(Command.objects.values_list("kind", "text", "operator")) == [
+            ("forward", "+34600000111", operator.pk)
+        ]
+
+    def test_the_header_follows_hold_and_mute(self, supervisor_client):
+        call = a_call()
+        page = supervisor_client.get(f"/calls/{call.pk}/").content.decode()
+        assert 'data-on-hold="0" data-muted="0"' in page and "On hold" not in page
+        ingest.ingest_call_switched(agent_id="support", call_id="CA1", on_hold=True)
+        ingest.ingest_call_switched(
+            agent_id="support", call_id="CA1", caller_muted=False, muted_transcript="<b>just us</b>"
+        )
+        page = supervisor_client.get(f"/calls/{call.pk}/").content.decode()
+        assert 'data-on-hold="1" data-muted="0"' in page and "On hold: the caller hears music" in page
+        assert "&lt;b&gt;just us&lt;/b&gt;" in page and "while muted" in page
+
+
+@pytest.mark.django_db
+def test_a_caller_asking_for_a_person_sorts_first_and_badges_the_calls_tab(operator_client):
+    quiet = a_call("CA1")
+    asking = a_call("CA2")
+    newest = a_call("CA3")
+    assert 'id="calls-waiting" data-count="0" hidden' in operator_client.get("/").content.decode()
+    ingest.ingest_call_caller_line(agent_id="support", call_id="CA2", message_id="um_9", text="I want a human")
+    page = operator_client.get("/calls/").content.decode()
+    rows = re.findall(r'id="call-row-(\d+)"', page)
+    assert rows[:3] == [str(asking.pk), str(newest.pk), str(quiet.pk)]
+    assert 'id="calls-waiting" data-count="1"' in operator_client.get("/").content.decode()
+
+
 @pytest.mark.django_db
 def test_admin_lists_calls_with_their_lines(admin_client):
     call = a_call()
