@@ -28,6 +28,11 @@ REDIS_PORT = 6379
 REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "5"))  # flushed: this db only
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
 
+# The transport floor (bench/floor_asgi.py): a fragment PUBLISHed on FLOOR_PREFIX + <conversation
+# pk> is written by each Daphne process to its sockets of that conversation.
+FLOOR_PREFIX = "bench-floor:"
+FLOOR_APP = "bench.floor_asgi:application"
+
 API_KEY = "bench"
 ALLOWED_HOSTS = "127.0.0.1,localhost"
 # `--variant NAME`: the stack (and the harness) run bench/variants/NAME.py, a settings

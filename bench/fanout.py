@@ -6,9 +6,15 @@ The floor, measured in the same run against the same N sockets: a bare
 `channel_layer.group_send` from the harness of a fragment of the same size
 (the real one, with its token swapped) -> Redis -> Daphne -> N WebSockets.
 
+The transport floor, same sockets, same clock: the harness PUBLISHes the same
+fragment once on Redis pub/sub; each Daphne process writes it to its own sockets
+of the conversation in memory (bench/floor_asgi.py): the best transport one can
+build on Redis, so the table shows what the channel layer costs and what the
+application adds.
+
 Per sample the latency is the time until the fragment is on *all* N sockets
-(the last one); per-socket latencies are kept too. Real and floor samples
-alternate, so drift on this shared 2-core machine hits both alike.
+(the last one); per-socket latencies are kept too. Real, floor and transport
+floor samples alternate, so drift on this shared 2-core machine hits all alike.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import asyncio
 import secrets
 import time
 
-from bench import profiling, stats
+from bench import config, profiling, stats
 from bench.clients import LiveClient, close_many, connect_many, create_operators
 from bench.stack import Stack, conversation_pk, orm
 
@@ -104,7 +110,7 @@ async def run(h) -> dict:
 
     scale = h.scale
     result: dict = {}
-    async with Stack("fanout", h.logs) as stack:
+    async with Stack("fanout", h.logs, app=config.FLOOR_APP) as stack:
         sim = stack.sim
         operators = await orm(create_operators, max(SIZES), prefix="fan")
         first = await sim.customer_says(phone=PHONE, name="Fan Out", text="Hello, anyone there?")
@@ -129,76 +135,102 @@ async def run(h) -> dict:
             async def real_send(tok):
                 await sim.customer_says(phone=PHONE, name="Fan Out", text=f"Probe {tok}")
 
-            fragment = {"text": "", "token": ""}
-
-            async def floor_send(tok):
-                html = fragment["text"].replace(fragment["token"], tok)
-                await layer.group_send(group, {"type": "live.html", "html": html})
-
-            real_all, floor_all, real_each, floor_each = [], [], [], []
-            lost = {"real": 0, "floor": 0}
-            sizes = []
-            for i in range(WARMUP + count):
-                lat, tok = await _sample(probe, n, real_send)
-                if lat is None:
-                    lost["real"] += 1
-                    await asyncio.sleep(0.5)
-                    continue
-                if not fragment["text"] or i == WARMUP:
-                    # The floor sends this very fragment, its token swapped (same length).
-                    fragment["text"], fragment["token"] = probe.text, tok
-                sizes.append(len(probe.text.encode()))
-                if i >= WARMUP:
-                    real_all.append(max(lat))
-                    real_each.extend(lat)
-                await _pause(max(lat))
-
-                lat, _ = await _sample(probe, n, floor_send)
-                if lat is None:
-                    lost["floor"] += 1
-                    await asyncio.sleep(0.5)
-                    continue
-                if i >= WARMUP:
-                    floor_all.append(max(lat))
-                    floor_each.extend(lat)
-                await _pause(max(lat))
+            senders = floor_senders(layer, group, pk)
+            kinds = await alternate(probe, n, {"real": real_send, **senders},
+                                    count=count, warmup=WARMUP)
             stack.check_alive()
-
-            real = stats.summary_ms(real_all)
-            floor = stats.summary_ms(floor_all)
-            entry = {
-                "p50_ms": real["p50_ms"],
-                "p95_ms": real["p95_ms"],
-                "p99_ms": real["p99_ms"],
-                "floor_p50_ms": floor["p50_ms"],
-                "floor_p95_ms": floor["p95_ms"],
-                "floor_p99_ms": floor["p99_ms"],
-                "ratio_p50": _ratio(real["p50_ms"], floor["p50_ms"]),
-                "ratio_p99": _ratio(real["p99_ms"], floor["p99_ms"]),
-                "samples": real["samples"],
-                "floor_samples": floor["samples"],
-                "lost": lost,
-                "fragment_bytes": int(stats.percentile(sizes, 50) or 0),
-                "per_socket": {
-                    "real": stats.summary_ms(real_each),
-                    "floor": stats.summary_ms(floor_each),
-                },
-            }
+            entry = summarize(kinds)
             result[str(n)] = entry
             h.log(
                 f"fanout N={n}: p50 {entry['p50_ms']} p99 {entry['p99_ms']} ms; floor p50 "
-                f"{entry['floor_p50_ms']} p99 {entry['floor_p99_ms']} ms; ratio p99 {entry['ratio_p99']}"
+                f"{entry['floor_p50_ms']} p99 {entry['floor_p99_ms']} ms; transport floor p50 "
+                f"{entry['transport_floor_p50_ms']} p99 {entry['transport_floor_p99_ms']} ms; "
+                f"ratio p99 {entry['ratio_p99']}"
             )
 
             if n == max(SIZES):
                 # Breakdown of the real path: when did the worker create the row?
                 result["breakdown_n100"] = await _breakdown(h, stack, probe, n, real_send)
                 if h.profile and entry["ratio_p99"] and entry["ratio_p99"] > 1.5:
-                    result["profile"] = await _profile(h, stack, probe, n, real_send)
+                    result["profile"] = await profile_samples(h, stack, probe, n, real_send)
             await close_many(clients)
             await asyncio.sleep(0.5)
         result["log_problems"] = stack.problems()
     return result
+
+
+def floor_senders(layer, group: str, pk: int) -> dict:
+    """The two floors' senders; each sends the real path's last fragment, its token swapped.
+
+    `floor`: a bare `group_send` through the channel layer the stack uses;
+    `transport_floor`: one Redis PUBLISH, fanned out by each Daphne process in memory.
+    """
+    import redis.asyncio as aioredis
+
+    redis = aioredis.Redis.from_url(config.REDIS_URL)
+    fragment = {"text": "", "token": ""}
+
+    def html(tok: str) -> str:
+        return fragment["text"].replace(fragment["token"], tok)
+
+    async def floor_send(tok):
+        await layer.group_send(group, {"type": "live.html", "html": html(tok)})
+
+    async def transport_send(tok):
+        await redis.publish(f"{config.FLOOR_PREFIX}{pk}", html(tok))
+
+    floor_send.fragment = transport_send.fragment = fragment
+    return {"floor": floor_send, "transport_floor": transport_send}
+
+
+async def alternate(probe: Probe, n: int, senders: dict, *, count: int, warmup: int) -> dict:
+    """`count` samples of each kind (after `warmup`), taken in turn: real, then the floors.
+
+    The floors send the fragment the real path last rendered (taken at the first
+    sample and again after the warm-up), so they carry the same bytes.
+    """
+    out = {kind: {"all": [], "each": [], "lost": 0, "sizes": []} for kind in senders}
+    fragment = next(s.fragment for s in senders.values() if hasattr(s, "fragment"))
+    for i in range(warmup + count):
+        for kind, send in senders.items():
+            lat, tok = await _sample(probe, n, send)
+            if lat is None:
+                out[kind]["lost"] += 1
+                await asyncio.sleep(0.5)
+                if kind == "real":
+                    break  # no fresh fragment for the floors of this turn
+                continue
+            if kind == "real":
+                if not fragment["text"] or i == warmup:
+                    fragment["text"], fragment["token"] = probe.text, tok
+                out[kind]["sizes"].append(len(probe.text.encode()))
+            if i >= warmup:
+                out[kind]["all"].append(max(lat))
+                out[kind]["each"].extend(lat)
+            await _pause(max(lat))
+    return out
+
+
+def summarize(kinds: dict) -> dict:
+    """p50/p95/p99 of the real path and of each floor, and the ratios to the floor."""
+    real = stats.summary_ms(kinds["real"]["all"])
+    entry = {"p50_ms": real["p50_ms"], "p95_ms": real["p95_ms"], "p99_ms": real["p99_ms"]}
+    floors = [k for k in ("floor", "transport_floor") if k in kinds]
+    summaries = {k: stats.summary_ms(kinds[k]["all"]) for k in floors}
+    for k in floors:
+        for p in ("p50_ms", "p95_ms", "p99_ms"):
+            entry[f"{k}_{p}"] = summaries[k][p]
+    for k in floors:
+        prefix = "" if k == "floor" else "transport_"
+        entry[f"{prefix}ratio_p50"] = _ratio(real["p50_ms"], summaries[k]["p50_ms"])
+        entry[f"{prefix}ratio_p99"] = _ratio(real["p99_ms"], summaries[k]["p99_ms"])
+    entry["samples"] = real["samples"]
+    for k in floors:
+        entry[f"{k}_samples"] = summaries[k]["samples"]
+    entry["lost"] = {k: v["lost"] for k, v in kinds.items()}
+    entry["fragment_bytes"] = int(stats.percentile(kinds["real"]["sizes"], 50) or 0)
+    entry["per_socket"] = {k: stats.summary_ms(v["each"]) for k, v in kinds.items()}
+    return entry
 
 
 async def _breakdown(h, stack, probe, n, real_send) -> dict:
@@ -224,15 +256,16 @@ async def _breakdown(h, stack, probe, n, real_send) -> dict:
     }
 
 
-async def _profile(h, stack, probe, n, real_send) -> dict:
-    """py-spy on Daphne and the worker during more real samples at N=100."""
+async def profile_samples(h, stack, probe, n, real_send, *, section: str = "fanout") -> dict:
+    """py-spy on every Daphne and the worker during more real samples at this N."""
     if not profiling.available():
         return {"error": "py-spy not installed (pip install py-spy)"}
     seconds = 12
     out = h.profile_dir
+    procs = [*stack.daphnes, stack.worker]
     tasks = [
-        asyncio.create_task(profiling.record(stack.daphne.pid, seconds, out / "fanout-daphne.txt")),
-        asyncio.create_task(profiling.record(stack.worker.pid, seconds, out / "fanout-worker.txt")),
+        asyncio.create_task(profiling.record(p.pid, seconds, out / f"{section}-{p.name}.txt"))
+        for p in procs
     ]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -242,11 +275,8 @@ async def _profile(h, stack, probe, n, real_send) -> dict:
         await real_send(tok)
         if await probe.wait():
             await _pause(max(probe.hits.values()) - t0)
-    daphne_raw, worker_raw = await asyncio.gather(*tasks)
-    return {
-        "daphne": profiling.summarize(daphne_raw),
-        "worker": profiling.summarize(worker_raw),
-    }
+    raws = await asyncio.gather(*tasks)
+    return {p.name: profiling.summarize(raw) for p, raw in zip(procs, raws)}
 
 
 def _ratio(a, b):

@@ -45,6 +45,11 @@ TITLES = {
     "pages_conversation": "Long conversation page",
     "pages_queries_constant": "Queries per page",
     "memory": "Memory per idle socket",
+    "fanout_n1": "Fan-out at N=1",
+    "fanout_n100": "Fan-out at N=100",
+    "scale": "Scale: 1,000 operators over 2 Daphne processes",
+    "scale_memory": "Scale: memory per idle socket",
+    "worker_idle": "The idle worker's CPU",
 }
 
 # Analysis per missed target, written from the profiles of real runs (figures: the

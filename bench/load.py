@@ -17,23 +17,31 @@ SERVICES = ("postgres", "redis-server")
 CONTENDED = 0.2  # cores used by others
 
 
+def _stat(pid: int | str) -> tuple[str, int, int]:
+    """(comm, ppid, utime + stime in ticks) of one process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    # comm is in parentheses and may hold spaces
+    comm = data[data.index("(") + 1 : data.rindex(")")]
+    fields = data[data.rindex(")") + 2 :].split()
+    return comm, int(fields[1]), int(fields[11]) + int(fields[12])
+
+
 def _processes() -> dict[int, tuple[str, int, int]]:
     out = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat") as f:
-                data = f.read()
+            out[int(name)] = _stat(name)
         except OSError:
             continue
-        # comm is in parentheses and may hold spaces
-        comm = data[data.index("(") + 1 : data.rindex(")")]
-        fields = data[data.rindex(")") + 2 :].split()
-        ppid = int(fields[1])
-        ticks = int(fields[11]) + int(fields[12])  # utime + stime
-        out[int(name)] = (comm, ppid, ticks)
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) one process has used so far."""
+    return _stat(pid)[2] / TICK
 
 
 def _ours(procs: dict) -> set[int]:

@@ -134,11 +134,11 @@ async def wait_http(port: int, proc: Proc, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{proc.name} did not answer on port {port} within {timeout} s")
 
 
-def daphne(port: int, env: dict, log: Path) -> Proc:
+def daphne(port: int, env: dict, log: Path, *, app: str = "dashboard.asgi:application",
+           name: str = "daphne") -> Proc:
     return Proc(
-        "daphne",
-        [str(config.VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port),
-         "dashboard.asgi:application"],
+        name,
+        [str(config.VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), app],
         env,
         log,
     )

@@ -59,7 +59,8 @@ class Stack:
         simulator: bool = True,
         sim_kwargs: dict | None = None,
         env_extra: dict | None = None,
-        daphne_wrapper: list[str] | None = None,
+        daphnes: int = 1,
+        app: str = "dashboard.asgi:application",
     ) -> None:
         self.name = name
         self.logs = logs
@@ -68,7 +69,11 @@ class Stack:
         self.sim_kwargs = {"ai_delay": 3600.0, "status_delay": 0.0, **(sim_kwargs or {})}
         self.env_extra = env_extra or {}
         self.sim = None
-        self.daphne: procs.Proc | None = None
+        self.app = app  # bench.floor_asgi:application adds the transport floor's tap
+        self.daphne_count = daphnes
+        self.daphnes: list[procs.Proc] = []  # Daphne processes, each on its own port
+        self.ports: list[int] = []
+        self.daphne: procs.Proc | None = None  # the first of them
         self.worker: procs.Proc | None = None
         self.port = 0
 
@@ -97,11 +102,19 @@ class Stack:
         env = config.stack_env(
             database=config.DB_LIVE, pinecall_url=pinecall_url, extra=self.env_extra
         )
-        self.port = procs.free_port()
-        self.daphne = procs.daphne(self.port, env, self.logs / f"{self.name}-daphne.log")
+        for i in range(self.daphne_count):
+            port = procs.free_port()
+            suffix = f"-{i + 1}" if i else ""
+            self.ports.append(port)
+            self.daphnes.append(procs.daphne(
+                port, env, self.logs / f"{self.name}-daphne{suffix}.log", app=self.app,
+                name=f"daphne{suffix}",
+            ))
+        self.port, self.daphne = self.ports[0], self.daphnes[0]
         if self.with_worker:
             self.worker = procs.worker(env, self.logs / f"{self.name}-worker.log")
-        await procs.wait_http(self.port, self.daphne)
+        for port, daphne in zip(self.ports, self.daphnes):
+            await procs.wait_http(port, daphne)
         if self.with_worker:
             try:
                 await self.sim.wait_for("channel.add", timeout=60)
@@ -112,7 +125,7 @@ class Stack:
                 raise RuntimeError(f"the worker exited:\n{self.worker.tail()}")
 
     async def stop(self) -> None:
-        for proc in (self.worker, self.daphne):
+        for proc in (self.worker, *self.daphnes):
             if proc is not None:
                 await asyncio.to_thread(proc.stop)
         if self.sim is not None:
@@ -125,7 +138,7 @@ class Stack:
     def problems(self) -> dict:
         """Errors the stack's processes logged so far (see procs.Proc.log_problems)."""
         out = {}
-        for proc in (self.daphne, self.worker):
+        for proc in (*self.daphnes, self.worker):
             if proc is not None:
                 found = proc.log_problems()
                 if found:
@@ -133,7 +146,7 @@ class Stack:
         return out
 
     def check_alive(self) -> None:
-        for proc in (self.daphne, self.worker):
+        for proc in (*self.daphnes, self.worker):
             if proc is not None and not proc.alive():
                 raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
 
