@@ -18,7 +18,9 @@ from conversations.models import (
     AlertPreferences,
     HandoffPolicy,
     IngestCursor,
+    CannedReply,
     Message,
+    Note,
     WorkerProcess,
 )
 
@@ -57,6 +59,13 @@ class MessageInline(ReadOnlyInline):
     ordering = ["id"]
 
 
+class NoteInline(ReadOnlyInline):
+    model = Note
+    fields = ["created_at", "author", "text"]
+    readonly_fields = fields
+    ordering = ["id"]
+
+
 class CommandInline(ReadOnlyInline):
     model = Command
     fields = ["created_at", "kind", "operator", "status", "error_code", "error_message"]
@@ -87,7 +96,7 @@ class ConversationAdmin(admin.ModelAdmin):
     readonly_fields = [
         field.name for field in Conversation._meta.fields if field.name not in ("id",)
     ]
-    inlines = [MessageInline, CommandInline]
+    inlines = [MessageInline, NoteInline, CommandInline]
     actions = ["take_over", "hand_back"]
     show_full_result_count = False  # COUNT(*) over a big join is the slow part of search
 
@@ -351,4 +360,42 @@ class CallAdmin(admin.ModelAdmin):
         return [field.name for field in self.model._meta.fields]
 
     def has_add_permission(self, request):
+        return False
+
+
+@admin.register(CannedReply)
+class CannedReplyAdmin(admin.ModelAdmin):
+    """Shared (no owner) and personal canned replies; an unknown variable is refused
+    on save (the model's clean, which the admin form runs)."""
+
+    list_display = ["shortcut", "title", "owner", "usage_count", "last_used_at", "updated_at"]
+    list_filter = [("owner", admin.EmptyFieldListFilter)]
+    search_fields = ["shortcut", "title", "text"]
+    list_select_related = ["owner"]
+    readonly_fields = ["created_by", "usage_count", "last_used_at", "created_at", "updated_at"]
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.created_by = request.user
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(Note)
+class NoteAdmin(admin.ModelAdmin):
+    """Internal notes: kept and searchable; written in the conversation page only."""
+
+    list_display = ["created_at", "author", "conversation", "short_text"]
+    list_select_related = ["author", "conversation"]
+    search_fields = ["text", "author__username", "conversation__contact_phone", "conversation__contact_name"]
+    date_hierarchy = "created_at"
+    readonly_fields = ["conversation", "author", "text", "mentions", "timeline_entry", "created_at"]
+
+    @admin.display(description="text")
+    def short_text(self, obj):
+        return obj.text[:80]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
         return False

@@ -9,10 +9,14 @@ the channel layer only wakes and notifies.
 from __future__ import annotations
 
 import hashlib
+import re
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
+
+from conversations import canned
 
 
 class Conversation(models.Model):
@@ -391,6 +395,8 @@ class AuditEntry(models.Model):
         CALL_SAY = "call_say", "Said a line on a call"
         CALL_HANGUP = "call_hangup", "Hung up a call"
         CALL_FORWARD = "call_forward", "Forwarded a call"
+        NOTE = "note", "Wrote an internal note"
+        CANNED_REPLY = "canned_reply", "Changed a canned reply"
         EXPORT = "export", "Exported a CSV"
         CALL_HOLD = "call_hold", "Put a call on hold"
         CALL_UNHOLD = "call_unhold", "Took a call off hold"
@@ -690,3 +696,101 @@ class CallUtterance(models.Model):
     @property
     def key(self) -> str:
         return dom_key(self.message_id)
+
+
+# ---------------------------------------------------------------- operator tools: canned replies, notes
+
+SHORTCUT_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+class CannedReply(models.Model):
+    """A ready answer an operator inserts with "/shortcut" and edits before sending.
+
+    Shared (no owner: supervisors manage them) or one operator's own. Its text
+    may hold variables (`conversations.canned`), filled for the conversation
+    and the operator when it is inserted.
+    """
+
+    title = models.CharField(max_length=100)
+    shortcut = models.CharField(
+        max_length=40, help_text="Typed after “/” in the composer: lower-case letters, digits, - and _."
+    )
+    text = models.TextField(
+        help_text="Variables: " + ", ".join("{{%s}}" % name for name in canned.VARIABLES) + "."
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="canned_replies",
+        help_text="Empty: shared with everyone (managed by supervisors).",
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    usage_count = models.PositiveIntegerField(default=0, help_text="Times it was inserted in a composer.")
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["shortcut", "id"]
+        verbose_name_plural = "canned replies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["shortcut"], condition=models.Q(owner__isnull=True), name="uniq_shared_shortcut"
+            ),
+            models.UniqueConstraint(fields=["owner", "shortcut"], name="uniq_own_shortcut"),
+        ]
+
+    def __str__(self) -> str:
+        return f"/{self.shortcut} ({'shared' if self.owner_id is None else self.owner})"
+
+    @property
+    def is_shared(self) -> bool:
+        return self.owner_id is None
+
+    def clean(self) -> None:
+        errors = {}
+        self.shortcut = (self.shortcut or "").strip().lstrip("/").lower()
+        if not SHORTCUT_PATTERN.fullmatch(self.shortcut):
+            errors["shortcut"] = "A shortcut is lower-case letters, digits, - and _ (for example “refund-policy”)."
+        if not (self.text or "").strip():
+            errors["text"] = "Write the reply's text."
+        elif len(self.text) > settings.MESSAGE_MAX_LENGTH:
+            errors["text"] = f"WhatsApp takes at most {settings.MESSAGE_MAX_LENGTH} characters."
+        else:
+            problems = canned.template_errors(self.text)
+            if problems:
+                errors["text"] = problems
+        if errors:
+            raise ValidationError(errors)
+
+
+class Note(models.Model):
+    """An internal note in a conversation's timeline: for colleagues, never for the customer.
+
+    Never a Command, never sent to Pinecall, never in the AI's history. Its place
+    in the timeline is a Message row of direction NOTE by a human (`timeline_entry`,
+    carrying the same text: notes are never edited), so it pages and streams with
+    the messages, in the order things happened.
+    """
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="internal_notes")
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="notes"
+    )
+    text = models.TextField()
+    mentions = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="mentioned_in_notes")
+    timeline_entry = models.OneToOneField(
+        Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="internal_note"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["conversation", "id"], name="note_conversation")]
+
+    def __str__(self) -> str:
+        return f"{self.author}: {self.text[:60]}"

@@ -125,9 +125,11 @@ def _searched(qs: QuerySet, q: str) -> QuerySet:
         match = Q(contact_name__icontains=q) | Q(contact_phone__icontains=q)
         if digits and digits != q:  # "+34 600 11" finds "+3460011..."
             match |= Q(contact_phone__icontains=digits)
+        # Messages and internal notes (a note's timeline entry carries its text);
+        # not the system's dividers ("Ana took over").
         match |= Exists(
             Message.objects.filter(conversation=OuterRef("pk"), text__icontains=q).exclude(
-                direction=Message.Direction.NOTE
+                direction=Message.Direction.NOTE, author=Message.Author.SYSTEM
             )
         )
         qs = qs.filter(match)

@@ -551,8 +551,8 @@ def _apply_confirmed(command: Command) -> None:
         if command.kind == Kind.PAUSE:
             _set_session_paused(conversation, True)
             took_from_someone = conversation.messages.filter(
-                direction=Message.Direction.NOTE, created_at__gte=command.created_at,
-                text__contains="took over from",
+                direction=Message.Direction.NOTE, author=Message.Author.SYSTEM,
+                created_at__gte=command.created_at, text__contains="took over from",
             ).exists()  # a forced take over has its divider already
             if conversation.held_by_id == command.operator_id and command.operator_id and not took_from_someone:
                 _note(conversation, f"{display_name(command.operator)} took over")

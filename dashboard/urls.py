@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard import health, views
+from dashboard import health, operator_tools, views
 
 urlpatterns = [
     path("", views.inbox, name="inbox"),
@@ -21,6 +21,12 @@ urlpatterns = [
     path("calls/<int:pk>/say/", views.call_say, name="call_say"),
     path("calls/<int:pk>/hang-up/", views.call_hang_up, name="call_hang_up"),
     path("calls/<int:pk>/forward/", views.call_forward, name="call_forward"),
+    path("c/<int:pk>/canned/", operator_tools.canned_picker, name="canned_picker"),
+    path("c/<int:pk>/notes/", operator_tools.add_note, name="add_note"),
+    path("replies/", operator_tools.canned_replies, name="canned_replies"),
+    path("replies/<int:pk>/", operator_tools.canned_reply_edit, name="canned_reply_edit"),
+    path("replies/<int:pk>/delete/", operator_tools.canned_reply_delete, name="canned_reply_delete"),
+    path("replies/<int:pk>/used/", operator_tools.canned_used, name="canned_used"),
     path("next/", views.take_next, name="take_next"),
     path("me/alerts/", views.alert_preferences, name="alert_preferences"),
     path("agent/state/", views.agent_state, name="agent_state"),

@@ -23,7 +23,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_POST
 
-from conversations import selectors, services
+from conversations import operator_tools_selectors, selectors, services
 from conversations.models import Conversation
 from conversations.services import HeldByAnother
 from dashboard import rendering
@@ -155,6 +155,7 @@ def conversation_detail(request: HttpRequest, pk: int) -> HttpResponse:
         live_url=_live_url(since=since, conversation_id=pk, after=after),
         brief=selectors.handoff_brief(conversation),
         viewers=selectors.conversation_viewers([pk]).get(pk, []),
+        panel=operator_tools_selectors.contact_panel(conversation),
     )
     return render(request, "conversations/conversation.html", ctx)
 

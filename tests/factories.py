@@ -6,6 +6,8 @@ Domain: ConversationFactory (an active conversation, its 24-hour window open, th
 answering; traits `ended` and `held`), MessageFactory (a customer's text;
 traits `ai`, `human`, `note`, `voice`, `image`, `failed`). A MessageFactory keeps its
 conversation's inbox columns in step, as the services do; pass `touch=False` not to.
+CannedReplyFactory (a shared reply; pass `owner` for a personal one), CallFactory
+(an ended call from a phone number).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.utils import timezone
 
-from conversations.models import Conversation, Message
+from conversations.models import Call, CannedReply, Conversation, Message
 from conversations.services import conversation_record_message
 
 TAKE_OVER = "take_over_conversation"
@@ -164,3 +166,29 @@ class MessageFactory(factory.django.DjangoModelFactory):
         c = obj.conversation
         fields = conversation_record_message(c, obj)
         Conversation.objects.filter(pk=c.pk).update(**{f: getattr(c, f) for f in fields})
+
+
+class CannedReplyFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = CannedReply
+
+    title = factory.Sequence(lambda n: f"Reply {n}")
+    shortcut = factory.Sequence(lambda n: f"reply{n}")
+    text = "Hi {{customer_first_name}}, {{operator_first_name}} here."
+    owner = None
+
+
+class CallFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Call
+
+    call_id = factory.Sequence(lambda n: f"call-{n:06d}")
+    agent_id = factory.LazyFunction(lambda: settings.PINECALL_AGENT_ID)
+    from_number = factory.Sequence(lambda n: f"+3461{n:07d}")
+    to_number = "+34910000000"
+    direction = "inbound"
+    state = Call.State.ENDED
+    started_at = factory.LazyFunction(timezone.now)
+    ended_at = factory.LazyFunction(timezone.now)
+    end_reason = "hangup"
+    duration_seconds = 42.0

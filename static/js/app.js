@@ -750,4 +750,158 @@
     var active = conversationId && document.getElementById("row-" + conversationId);
     if (active && active.scrollIntoView) active.scrollIntoView({ block: "nearest" });
   });
+  // ------------------------------------------------------------ operator tools: canned replies, notes, contact panel
+
+  /* "/" and a few letters at the start of a word open the canned-reply picker. The
+   * server fills the reply for this customer and operator; Enter or Tab inserts it
+   * (as text) for editing: the picker never sends. Usage is counted on insertion. */
+  var picker = null; // { box, list, start, end, timer, seq }
+
+  function slashQuery(box) {
+    var upto = box.value.slice(0, box.selectionStart);
+    var m = /(^|\s)\/([\w-]{0,40})$/.exec(upto);
+    if (!m) return null;
+    return { query: m[2], start: upto.length - m[2].length - 1, end: box.selectionStart };
+  }
+  function pickerOptions() { return picker ? $$("[role=option][data-canned-id]", picker.list) : []; }
+  function closePicker() {
+    if (!picker) return;
+    clearTimeout(picker.timer);
+    picker.list.hidden = true;
+    picker.list.textContent = "";
+    picker.box.setAttribute("aria-expanded", "false");
+    picker.box.removeAttribute("aria-activedescendant");
+    picker = null;
+  }
+  function pickerIndex() {
+    var options = pickerOptions();
+    for (var i = 0; i < options.length; i++) if (options[i].getAttribute("aria-selected") === "true") return i;
+    return 0;
+  }
+  function pickerSelect(index) {
+    var options = pickerOptions();
+    if (!options.length) return;
+    index = (index + options.length) % options.length;
+    options.forEach(function (o, i) { o.setAttribute("aria-selected", i === index ? "true" : "false"); });
+    picker.box.setAttribute("aria-activedescendant", options[index].id);
+    if (options[index].scrollIntoView) options[index].scrollIntoView({ block: "nearest" });
+  }
+  function pickerInsert(option) {
+    var box = picker.box;
+    var at = slashQuery(box) || picker; // the "/word" as it is now
+    var text = option.dataset.filled || "";
+    box.value = box.value.slice(0, at.start) + text + box.value.slice(at.end);
+    var caret = at.start + text.length;
+    closePicker();
+    box.focus();
+    box.setSelectionRange(caret, caret);
+    composerChanged(box);
+    saveDraft(box);
+    htmx.ajax("POST", option.dataset.usedUrl, { swap: "none", source: document.body });
+  }
+  function pickerRefresh(box) {
+    var at = slashQuery(box);
+    var list = box.form && $("[data-canned-picker]", box.form);
+    if (!at || !list) { closePicker(); return; }
+    if (!picker || picker.box !== box) { closePicker(); picker = { box: box, list: list, seq: 0 }; }
+    var state = picker;
+    state.start = at.start; state.end = at.end;
+    clearTimeout(state.timer);
+    state.timer = setTimeout(function () {
+      var seq = ++state.seq;
+      fetch(list.dataset.url + "?q=" + encodeURIComponent(at.query), {
+        credentials: "same-origin", headers: { "HX-Request": "true" },
+      }).then(function (r) { return r.ok ? r.text() : ""; }).then(function (html) {
+        if (picker !== state || seq !== state.seq || !html) return;
+        list.innerHTML = html; // rendered and escaped by the server; no scripts, no hx- attributes
+        list.hidden = false;
+        box.setAttribute("aria-expanded", "true");
+        pickerSelect(0);
+      }).catch(function () { /* offline: no picker, the text stays */ });
+    }, 120);
+  }
+
+  document.addEventListener("input", function (e) {
+    if (e.target.matches && e.target.matches("[data-composer] textarea")) pickerRefresh(e.target);
+  });
+  // Capture phase: ahead of the composer's own Enter-sends handler.
+  document.addEventListener("keydown", function (e) {
+    if (!picker || e.target !== picker.box || e.isComposing) return;
+    var handled = true;
+    if (e.key === "ArrowDown") pickerSelect(pickerIndex() + 1);
+    else if (e.key === "ArrowUp") pickerSelect(pickerIndex() - 1);
+    else if (e.key === "Escape") closePicker();
+    else if ((e.key === "Enter" && !e.shiftKey) || e.key === "Tab") {
+      var option = pickerOptions()[pickerIndex()];
+      if (option) pickerInsert(option);
+      else closePicker(); // nothing matched: Enter closes the picker, it does not send "/word"
+    } else handled = false;
+    if (handled) { e.preventDefault(); e.stopImmediatePropagation(); }
+  }, true);
+  document.addEventListener("mousedown", function (e) {
+    var option = picker && e.target.closest && e.target.closest("[data-canned-picker] [data-canned-id]");
+    if (option) { e.preventDefault(); pickerInsert(option); }
+  });
+  document.addEventListener("focusout", function (e) {
+    if (picker && e.target === picker.box) setTimeout(function () { if (picker && document.activeElement !== picker.box) closePicker(); }, 150);
+  });
+
+  /* Reply or internal note: the tab's mode sits on the conversation pane, which
+   * live swaps of the composer leave alone. */
+  function composeMode(mode, focus) {
+    var pane = $(".conv-pane[data-compose-mode]");
+    if (!pane) return;
+    pane.dataset.composeMode = mode;
+    $$("[data-compose-tab]", pane).forEach(function (tab) {
+      tab.setAttribute("aria-selected", tab.dataset.composeTab === mode ? "true" : "false");
+    });
+    closePicker();
+    var box = mode === "note" ? $("[data-note-composer] textarea", pane) : $("[data-composer] textarea", pane);
+    if (focus && box) box.focus();
+  }
+  document.addEventListener("click", function (e) {
+    var tab = e.target.closest && e.target.closest("[data-compose-tab]");
+    if (tab) composeMode(tab.dataset.composeTab, true);
+    var toggle = e.target.closest && e.target.closest("[data-contact-toggle]");
+    if (toggle) {
+      var open = body.dataset.contactPanel !== "open";
+      body.dataset.contactPanel = open ? "open" : "";
+      $$("[data-contact-toggle]").forEach(function (b) { b.setAttribute("aria-expanded", open ? "true" : "false"); });
+      var panel = $("[data-contact-panel]");
+      if (open && panel) panel.focus();
+    }
+  });
+  document.addEventListener("keydown", function (e) {
+    var t = e.target;
+    if (t.matches && t.matches("[data-note-composer] textarea") && e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      if (t.value.trim()) { htmx.process(t.form); htmx.trigger(t.form, "submit"); }
+    }
+    if (e.key === "Escape" && body.dataset.contactPanel === "open") body.dataset.contactPanel = "";
+  });
+  document.addEventListener("htmx:afterRequest", function (e) {
+    var form = e.detail.elt;
+    if (form && form.matches && form.matches("[data-note-composer]") && e.detail.successful) {
+      form.reset();
+      requestAnimationFrame(scrollToBottom);
+    }
+  });
+
+  /* A mention reaches only the mentioned person's sockets as a toast; it rings and
+   * notifies as their alert settings say, like a customer waiting. */
+  function mentionArrived(el) {
+    if (el.dataset.alerted) return;
+    el.dataset.alerted = "1";
+    if (alertsWanted("sound")) chime();
+    if (alertsWanted("desktop") && window.Notification && Notification.permission === "granted") {
+      var n = new Notification((el.dataset.by || "A colleague") + " mentioned you", {
+        body: el.dataset.excerpt || "", tag: "pinecall-mention-" + (el.dataset.conversation || ""),
+      });
+      n.onclick = function () { window.focus(); if (el.dataset.href) location.href = el.dataset.href; n.close(); };
+    }
+  }
+  if (toastBox && window.MutationObserver) {
+    new MutationObserver(function () { $$("[data-notice=mention]", toastBox).forEach(mentionArrived); })
+      .observe(toastBox, { childList: true });
+  }
 })();
