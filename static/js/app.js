@@ -601,13 +601,39 @@
     n.onclick = function () { window.focus(); if (next) location.href = next.getAttribute("href"); n.close(); };
   }
 
+  function countOf(id) {
+    var el = document.getElementById(id);
+    return el ? parseInt(el.dataset.count, 10) || 0 : null;
+  }
+
+  /* Callers who asked for a person raise the same alerts as customers who wait
+   * (every page has the Calls tab's badge; only the inbox has the needs count). */
+  var lastCallers = null;
+  function callersChanged() {
+    var count = countOf("calls-waiting");
+    if (count === null) return;
+    if (lastCallers !== null && count > lastCallers) {
+      if (alertsWanted("sound")) chime();
+      if (alertsWanted("desktop") && window.Notification && Notification.permission === "granted") {
+        var row = $("#calls-live .call-row .call-needs-human");
+        var link = row ? row.closest("a") : null;
+        var n = new Notification(count === 1 ? "A caller asks for a person" : count + " callers ask for a person", {
+          body: link ? (($(".call-caller", link) || {}).textContent || "") : "", tag: "pinecall-caller-needs-human",
+        });
+        n.onclick = function () { window.focus(); location.href = link ? link.getAttribute("href") : "/calls/"; n.close(); };
+      }
+    }
+    lastCallers = count;
+  }
+
   function waitingChanged() {
-    var el = document.getElementById("tab-count-needs");
-    if (!el) return;
-    var count = parseInt(el.dataset.count, 10) || 0;
+    callersChanged();
+    var count = countOf("tab-count-needs");
+    if (count === null) return;
+    var callers = countOf("calls-waiting") || 0;
     var wantTitle = alertsWanted("title");
-    document.title = wantTitle && count ? "(" + count + ") Needs a human · " + baseTitle : baseTitle;
-    badgeIcon(wantTitle ? count : 0);
+    document.title = wantTitle && count + callers ? "(" + (count + callers) + ") Needs a human · " + baseTitle : baseTitle;
+    badgeIcon(wantTitle ? count + callers : 0);
     if (lastWaiting !== null && count > lastWaiting) {
       if (alertsWanted("sound")) chime();
       desktopNotice(count);
@@ -680,9 +706,21 @@
     var target = e.detail.target;
     var lines = $("#call-lines");
     if (!lines || !target) return;
-    if (target === lines || lines.contains(target) || target.id === "call-draft") {
-      window.scrollTo(0, document.body.scrollHeight);
+    if ((target === lines || lines.contains(target) || target.id === "call-draft") && callLinesPinned) {
+      lines.scrollTop = lines.scrollHeight;
     }
+  });
+
+  /* The lines scroll between the header and the actions: they follow the newest
+   * unless the person scrolled up to read. */
+  var callLinesPinned = true;
+  document.addEventListener("DOMContentLoaded", function () {
+    var lines = $("#call-lines");
+    if (!lines) return;
+    lines.scrollTop = lines.scrollHeight;
+    lines.addEventListener("scroll", function () {
+      callLinesPinned = lines.scrollHeight - lines.scrollTop - lines.clientHeight < 80;
+    });
   });
 
   // ------------------------------------------------------------ presence
