@@ -901,21 +901,23 @@
     var tab = e.target.closest && e.target.closest("[data-compose-tab]");
     if (tab) composeMode(tab.dataset.composeTab, true);
     var toggle = e.target.closest && e.target.closest("[data-contact-toggle]");
-    if (toggle) {
-      var open = body.dataset.contactPanel !== "open";
-      body.dataset.contactPanel = open ? "open" : "";
-      $$("[data-contact-toggle]").forEach(function (b) { b.setAttribute("aria-expanded", open ? "true" : "false"); });
-      var panel = $("[data-contact-panel]");
-      if (open && panel) panel.focus();
-    }
+    if (toggle) contactDrawer(body.dataset.contactDrawer !== "open");
   });
+  /* Below 1200 px the contact panel is a drawer over the conversation. */
+  function contactDrawer(open) {
+    body.dataset.contactDrawer = open ? "open" : "";
+    $$("[data-contact-toggle]").forEach(function (b) { b.setAttribute("aria-expanded", open ? "true" : "false"); });
+    var panel = $("aside[data-contact-panel]");
+    if (open && panel) panel.focus();
+    else if (!open && $(".contact-toggle")) $(".contact-toggle").focus();
+  }
   document.addEventListener("keydown", function (e) {
     var t = e.target;
     if (t.matches && t.matches("[data-note-composer] textarea") && e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
       e.preventDefault();
       if (t.value.trim()) { htmx.process(t.form); htmx.trigger(t.form, "submit"); }
     }
-    if (e.key === "Escape" && body.dataset.contactPanel === "open") body.dataset.contactPanel = "";
+    if (e.key === "Escape" && body.dataset.contactDrawer === "open") contactDrawer(false);
   });
   document.addEventListener("htmx:afterRequest", function (e) {
     var form = e.detail.elt;

@@ -11,7 +11,6 @@ from conversations import operator_tools
 from tests.dashboard.test_consumers import (  # noqa: F401  (fixtures)
     close_thread_connections,
     fresh_channel_layer,
-    receive_until_cursor,
     session_cookie,
     socket,
 )
@@ -21,9 +20,16 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 async def connected(path: str, user):
+    """A socket past its catch-up (ending with the cursor) and, on a conversation's page,
+    its presence bar and the row's mark (their order differs between channel layers)."""
     comm = socket(path, await sync_to_async(session_cookie)(user))
     assert (await comm.connect())[0]
-    await receive_until_cursor(comm)
+    while 'id="live-cursor"' not in await comm.receive_from(timeout=3):
+        pass
+    if "conversation=" in path:
+        presence = [await comm.receive_from(timeout=3), await comm.receive_from(timeout=3)]
+        assert any('class="presence"' in html for html in presence)
+        assert any('class="row-viewing"' in html for html in presence)
     return comm
 
 
