@@ -88,12 +88,15 @@ class LiveClient:
         operator: Operator,
         *,
         conversation: int | None = None,
+        call: int | None = None,
         keep: int = 200,
         on_frame: Callable | None = None,
     ) -> None:
         self.port = port
         self.operator = operator
         params = {"conversation": conversation} if conversation else {}
+        if call:
+            params["call"] = call  # a call's page: its lines and live captions
         self.url = f"ws://127.0.0.1:{port}/ws/live/" + (f"?{urlencode(params)}" if params else "")
         self.frames: deque[tuple[float, str]] = deque(maxlen=keep)
         self.count = 0

@@ -72,7 +72,7 @@ WATCH_CAPTIONS = """() => {
 }"""
 
 
-def test_a_supervisor_watches_captions_grow_and_steps_in(new_page, stack, call_supervisor, tmp_path):
+def test_a_supervisor_watches_captions_grow_and_steps_in_with_screenshots(new_page, stack, call_supervisor, tmp_path):
     out = DOCS if WRITE_DOCS else tmp_path
     page = new_page(username="carla")
     page.goto(f"{stack.base_url}/calls/")
