@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 
@@ -21,6 +22,7 @@ from conversations.models import (
     CannedReply,
     Message,
     Note,
+    OperatorProfile,
     WorkerProcess,
 )
 
@@ -341,9 +343,28 @@ class AlertPreferencesAdmin(admin.ModelAdmin):
     list_select_related = ["user"]
 
 
+class OperatorProfileForm(forms.ModelForm):
+    class Meta:
+        model = OperatorProfile
+        fields = ["user", "phone"]
+
+    def clean_phone(self):
+        return services.phone_ref_clean(self.cleaned_data.get("phone", ""))  # the app's own check
+
+
+@admin.register(OperatorProfile)
+class OperatorProfileAdmin(admin.ModelAdmin):
+    """Each person's own settings: the phone 'Forward to my phone' sends a call to."""
+
+    list_display = ["user", "phone"]
+    list_select_related = ["user"]
+    search_fields = ["user__username", "user__first_name", "user__last_name", "phone"]
+    form = OperatorProfileForm
+
+
 class CallUtteranceInline(ReadOnlyInline):
     model = CallUtterance
-    fields = ["at", "speaker", "text", "interrupted", "words_spoken", "message_id"]
+    fields = ["at", "speaker", "text", "interrupted", "while_muted", "words_spoken", "message_id"]
     readonly_fields = fields
 
 
@@ -351,8 +372,8 @@ class CallUtteranceInline(ReadOnlyInline):
 class CallAdmin(admin.ModelAdmin):
     """Voice calls: read-only (Pinecall's record); stepping in is on the call's page."""
 
-    list_display = ["call_id", "from_number", "to_number", "state", "started_at", "duration_seconds", "end_reason", "forwarded_to"]
-    list_filter = ["state", "agent_id", "direction"]
+    list_display = ["call_id", "from_number", "to_number", "state", "started_at", "duration_seconds", "end_reason", "forwarded_to", "on_hold", "caller_muted"]
+    list_filter = ["state", "agent_id", "direction", "on_hold", "caller_muted"]
     search_fields = ["call_id", "from_number", "to_number", "utterances__text"]
     inlines = [CallUtteranceInline]
 

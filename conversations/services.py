@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import wraps
@@ -24,7 +25,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from conversations import handoff, notify
+from conversations import handoff, notify, selectors, takeovers
 from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
 from conversations.models import (
     AlertPreferences,
@@ -37,6 +38,7 @@ from conversations.models import (
     Conversation,
     HandoffPolicy,
     Message,
+    OperatorProfile,
 )
 
 WHATSAPP_WINDOW = timezone.timedelta(hours=24)
@@ -85,17 +87,21 @@ def _refuse(
     reason: str,
     operator=None,
     conversation: Conversation | None = None,
+    call: Call | None = None,
     contact_phone: str = "",
     agent_id: str = "",
     **_,
 ) -> AuditEntry:
     """Audit a refused action: who, what, why."""
+    party = conversation or call
+    if call is not None:
+        reason = f"{reason} (call {call.call_id})"
+        contact_phone = contact_phone or call.from_number[:32]
     with transaction.atomic():
         return AuditEntry.objects.create(
             operator=operator if getattr(operator, "pk", None) else None,
             action=action,
-            agent_id=agent_id
-            or (conversation.agent_id if conversation else settings.PINECALL_AGENT_ID),
+            agent_id=agent_id or (party.agent_id if party else settings.PINECALL_AGENT_ID),
             conversation=conversation,
             contact_phone=contact_phone or (conversation.contact_phone if conversation else ""),
             outcome=AuditEntry.Outcome.REFUSED,
@@ -104,8 +110,11 @@ def _refuse(
         )
 
 
-def _audits_refusals(action: str):
+def _audits_refusals(action: str | Callable[..., str]):
     """Make an operator's service one transaction whose refusals are audited.
+
+    `action` is the audited action, or a function of the service's keyword
+    arguments that names it (one service for a switch and its reverse).
 
     The audit row is written after the service's transaction has rolled back:
     inside it, the raise that refuses would roll the row back too. (Views run
@@ -121,7 +130,8 @@ def _audits_refusals(action: str):
             try:
                 return atomic_service(**kwargs)
             except REFUSALS as exc:
-                _refuse(action=action, reason=refusal_reason(exc), **kwargs)
+                audited = action(**kwargs) if callable(action) else action
+                _refuse(action=audited, reason=refusal_reason(exc), **kwargs)
                 raise
 
         return wrapper
@@ -238,6 +248,7 @@ def conversation_take_over(
     conversation.holder_active_at = timezone.now()
     conversation.idle_warned_at = None
     waited = _needs_human_end(conversation)  # someone took it: nobody waits any more
+    takeovers.claimed(conversation, operator=operator, at=conversation.held_since)
     conversation.save(
         update_fields=[
             "holder", "held_by", "held_since", "unread_count", "holder_active_at",
@@ -317,6 +328,7 @@ def conversation_send(
         audit_action=AuditEntry.Action.SEND, now=now,
     )
     conversation_touch(conversation, message)
+    takeovers.replied(conversation, operator_id=operator.pk, at=now)
     # The holder is on it: the idle clock starts again.
     Conversation.objects.filter(pk=conversation.pk).update(holder_active_at=now, idle_warned_at=None)
     notify.after_commit(notify.message_added, message)
@@ -466,6 +478,20 @@ def login_refused(*, username: str, ip_address: str, path: str = "") -> AuditEnt
     )
 
 
+@transaction.atomic
+def export_logged(*, operator: AbstractBaseUser, what: str, conversation: Conversation | None = None) -> AuditEntry:
+    """Someone downloaded a CSV: the audit trail says who took which data, and when."""
+    return AuditEntry.objects.create(
+        operator=operator,
+        action=AuditEntry.Action.EXPORT,
+        agent_id=conversation.agent_id if conversation else settings.PINECALL_AGENT_ID,
+        conversation=conversation,
+        outcome=AuditEntry.Outcome.CONFIRMED,
+        detail=what[:500],
+        completed_at=timezone.now(),
+    )
+
+
 # ---------------------------------------------------------------- the outbox, for the worker
 
 
@@ -536,6 +562,7 @@ def command_fail(*, command: Command, code: str, message: str) -> Command:
         # unless someone else has claimed it since.
         if conversation.held_by_id == command.operator_id and not conversation.ai_paused:
             _release(conversation)
+            takeovers.ended(conversation, end=takeovers.End.FAILED, at=now)
         if code == "SESSION_NOT_FOUND" and conversation.is_active:
             conversation_end(conversation, reason="not_found")
     if conversation is not None:
@@ -550,6 +577,8 @@ def _apply_confirmed(command: Command) -> None:
         conversation = _locked(command.conversation)
         if command.kind == Kind.PAUSE:
             _set_session_paused(conversation, True)
+            if command.operator_id and conversation.held_by_id == command.operator_id:
+                takeovers.taken(conversation, operator_id=command.operator_id, at=command.completed_at)
             took_from_someone = conversation.messages.filter(
                 direction=Message.Direction.NOTE, author=Message.Author.SYSTEM,
                 created_at__gte=command.created_at, text__contains="took over from",
@@ -620,7 +649,7 @@ def _call_enqueue(*, call: Call, operator, kind: str, audit_action: str, text: s
     return command
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.CALL_SAY)
 def call_say(*, call: Call, operator: AbstractBaseUser, text: str) -> Command:
     """Queue a typed line for the AI to say on the call (operators and supervisors).
 
@@ -640,7 +669,7 @@ def call_say(*, call: Call, operator: AbstractBaseUser, text: str) -> Command:
     )
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.CALL_HANGUP)
 def call_hang_up(*, call: Call, operator: AbstractBaseUser) -> Command:
     """Queue hanging up the call (supervisors)."""
     _require(operator, PAUSE_WIDE_PERMISSION)
@@ -654,18 +683,79 @@ def _is_phone_ref(value: str) -> bool:
     return bool(re.fullmatch(r"\+[1-9][0-9]{6,14}", value) or re.fullmatch(r"sip:[^\s@]+@[^\s@]+", value))
 
 
-@transaction.atomic
+@_audits_refusals(AuditEntry.Action.CALL_FORWARD)
 def call_forward(*, call: Call, operator: AbstractBaseUser, to: str) -> Command:
     """Queue forwarding the call to a person's number (supervisors); it then leaves Pinecall."""
     _require(operator, PAUSE_WIDE_PERMISSION)
-    to = "".join((to or "").split())
-    if not _is_phone_ref(to):
-        raise ValidationError("Forward to an E.164 number (+ and 7 to 15 digits) or a sip: address.")
+    to = phone_ref_clean(to)
+    if not to:
+        raise ValidationError("Write the number to forward the call to.")
     call = _call_live(call)
     return _call_enqueue(
         call=call, operator=operator, kind=Command.Kind.FORWARD, audit_action=AuditEntry.Action.CALL_FORWARD,
         text=to,
     )
+
+
+@_audits_refusals(AuditEntry.Action.CALL_FORWARD)
+def call_forward_to_me(*, call: Call, operator: AbstractBaseUser) -> Command:
+    """Queue forwarding the call to the operator's own phone (their profile): operators may."""
+    _require(operator, TAKE_OVER_PERMISSION)
+    phone = selectors.operator_phone(operator)
+    if not phone:
+        raise ValidationError("Set your phone number first: it is where your calls are forwarded.")
+    call = _call_live(call)
+    return _call_enqueue(
+        call=call, operator=operator, kind=Command.Kind.FORWARD, audit_action=AuditEntry.Action.CALL_FORWARD,
+        text=phone,
+    )
+
+
+# (command kind, audit action) for the supervisor's switches on a live call.
+CALL_SWITCHES = {
+    ("hold", True): (Command.Kind.HOLD, AuditEntry.Action.CALL_HOLD),
+    ("hold", False): (Command.Kind.UNHOLD, AuditEntry.Action.CALL_UNHOLD),
+    ("mute", True): (Command.Kind.MUTE, AuditEntry.Action.CALL_MUTE),
+    ("mute", False): (Command.Kind.UNMUTE, AuditEntry.Action.CALL_UNMUTE),
+}
+
+
+def _call_switch_action(*, switch: str, on: bool, **_) -> str:
+    return CALL_SWITCHES[(switch, on)][1]
+
+
+@_audits_refusals(_call_switch_action)
+def call_switch(*, call: Call, operator: AbstractBaseUser, switch: str, on: bool) -> Command:
+    """Queue hold/unhold ("hold") or mute/unmute the caller ("mute") (supervisors)."""
+    kind, action = CALL_SWITCHES[(switch, on)]
+    _require(operator, PAUSE_WIDE_PERMISSION)
+    call = _call_live(call)
+    return _call_enqueue(call=call, operator=operator, kind=kind, audit_action=action)
+
+
+@_audits_refusals(AuditEntry.Action.CALL_STOP)
+def call_stop_speech(*, call: Call, operator: AbstractBaseUser) -> Command:
+    """Queue stopping what the AI is saying now (`bot.cancel`) (supervisors)."""
+    _require(operator, PAUSE_WIDE_PERMISSION)
+    call = _call_live(call)
+    return _call_enqueue(
+        call=call, operator=operator, kind=Command.Kind.STOP, audit_action=AuditEntry.Action.CALL_STOP
+    )
+
+
+@transaction.atomic
+def operator_phone_set(*, user: AbstractBaseUser, phone: str) -> OperatorProfile:
+    """The phone a person's calls are forwarded to; empty clears it."""
+    profile, _ = OperatorProfile.objects.update_or_create(user=user, defaults={"phone": phone_ref_clean(phone)})
+    return profile
+
+
+def phone_ref_clean(value: str) -> str:
+    """A person's phone as typed ("+34 600 00 01 11"), as Pinecall takes it; "" stays ""."""
+    phone = "".join((value or "").split())
+    if phone and not _is_phone_ref(phone):
+        raise ValidationError("A phone is an E.164 number (+ and 7 to 15 digits) or a sip: address.")
+    return phone
 
 
 def call_supervisor_line(*, call: Call, message_id: str, text: str) -> CallUtterance:
@@ -705,6 +795,7 @@ def _set_session_paused(conversation: Conversation, paused: bool) -> bool:
         # A resume ends a human's hold: the AI answers again.
         _note(conversation, "Handed back to the AI")
         _release(conversation)
+        takeovers.released(conversation, at=timezone.now())
         return True
     if conversation.ai_paused == paused:
         return False
@@ -779,6 +870,7 @@ def conversation_end(conversation: Conversation, *, reason: str, ended_at=None) 
     conversation.ended_at = ended_at or timezone.now()
     conversation.needs_human = False
     conversation.save(update_fields=["state", "end_reason", "ended_at", "needs_human", "updated_at"])
+    takeovers.ended(conversation, end=takeovers.End.ENDED, at=conversation.ended_at)
     _note(conversation, f"Conversation ended ({reason.replace('_', ' ')})")
 
 
@@ -902,6 +994,7 @@ def needs_human_start(conversation: Conversation, *, reason: str, words: str = "
     conversation.needs_human_reason = reason
     conversation.needs_human_words = (words or "")[:200]
     conversation.needs_human = True
+    takeovers.waits(conversation, reason=reason, at=conversation.needs_human_since)
     return True
 
 
@@ -1005,6 +1098,7 @@ def handoff_tick(*, agent_id: str, now=None) -> dict:
         )
         fields = _needs_human_end(conversation)
         conversation.save(update_fields=[*fields, "updated_at"])
+        takeovers.ended(conversation, end=takeovers.End.FALLBACK, at=now)
         minutes = max(1, round(policy.fallback_seconds / 60))
         _note(conversation, f"Nobody took over within {minutes} min: the AI answers again")
         notify.after_commit(notify.conversation_changed, conversation)

@@ -243,3 +243,14 @@ def test_a_batch_that_forwards_then_ends_renders_the_end(monkeypatch):
         ingest.ingest_call_ended(agent_id="support", call_id="CA1", reason="forwarded")
     headers = [html for group, html in sent if group == notify.call_group("CA1") and 'id="call-header"' in html]
     assert headers and 'data-state="ended"' in headers[-1] and "+34600000000" in headers[-1]
+
+
+@pytest.mark.django_db
+def test_admin_keeps_an_operators_phone_with_the_apps_check(admin_client, operator):
+    from conversations.models import OperatorProfile
+
+    url = "/admin/conversations/operatorprofile/add/"
+    refused = admin_client.post(url, {"user": operator.pk, "phone": "call me"})
+    assert refused.status_code == 200 and "E.164" in refused.content.decode()
+    assert admin_client.post(url, {"user": operator.pk, "phone": "+34 600 000 111"}).status_code == 302
+    assert OperatorProfile.objects.get(user=operator).phone == "+34600000111"
