@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard import health, operator_tools, views
+from dashboard import health, operator_tools, report_views, views
 
 urlpatterns = [
     path("", views.inbox, name="inbox"),
@@ -32,6 +32,12 @@ urlpatterns = [
     path("agent/state/", views.agent_state, name="agent_state"),
     path("agent/pause/", views.agent_pause, name="agent_pause"),
     path("agent/resume/", views.agent_resume, name="agent_resume"),
+    path("reports/", report_views.reports_page, name="reports"),
+    path("reports/conversations/", report_views.report_conversations, name="report_conversations"),
+    path("reports/<str:table>.csv", report_views.report_csv, name="report_csv"),
+    path("audit/", report_views.audit_page, name="audit"),
+    path("audit.csv", report_views.audit_csv, name="audit_csv"),
+    path("c/<int:pk>/transcript.csv", report_views.transcript_csv, name="transcript_csv"),
     path("favicon.ico", views.favicon),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
