@@ -841,7 +841,8 @@
     var at = slashQuery(box);
     var list = box.form && $("[data-canned-picker]", box.form);
     if (!at || !list) { closePicker(); return; }
-    if (!picker || picker.box !== box) { closePicker(); picker = { box: box, list: list, seq: 0 }; }
+    // A live swap of the composer keeps the textarea (hx-preserve) but not the list.
+    if (!picker || picker.box !== box || picker.list !== list) { closePicker(); picker = { box: box, list: list, seq: 0 }; }
     var state = picker;
     state.start = at.start; state.end = at.end;
     clearTimeout(state.timer);
