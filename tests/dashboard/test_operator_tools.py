@@ -81,6 +81,8 @@ def test_the_canned_replies_page_creates_refuses_and_deletes(operator_client, op
     assert created.status_code == 200 and "Saved /hi" in created.content.decode()
     reply = CannedReply.objects.get()
     assert reply.owner == operator
+    bad_edit = operator_client.post(f"/replies/{reply.pk}/", {"title": "Hi", "shortcut": "hi", "text": "{{oops}}"}, **HTMX)
+    assert bad_edit.status_code == 422 and 'open>' in bad_edit.content.decode()  # its form stays open, with why
     edited = operator_client.post(f"/replies/{reply.pk}/", {"title": "Hello", "shortcut": "hello", "text": "Hello"}, **HTMX)
     assert edited.status_code == 200
     reply.refresh_from_db()
@@ -88,6 +90,18 @@ def test_the_canned_replies_page_creates_refuses_and_deletes(operator_client, op
     assert operator_client.post(f"/replies/{reply.pk}/delete/", **HTMX).status_code == 200
     assert not CannedReply.objects.exists()
     assert AuditEntry.objects.filter(action="canned_reply", outcome="confirmed").count() == 3
+
+
+def test_a_supervisor_shares_only_when_ticking_the_box(supervisor_client, supervisor):
+    CannedReplyFactory(shortcut="greet")
+    page = supervisor_client.get("/replies/").content.decode()
+    new_form = page[page.index('data-canned-form="new"'):]
+    assert 'name="shared">' in new_form  # offered, not ticked
+    edit_form = page[: page.index('data-canned-form="new"')]
+    assert 'name="shared" checked>' in edit_form  # the shared reply's own form says so
+    supervisor_client.post("/replies/", {"title": "Hi", "shortcut": "hi", "text": "Hi", "shared": "on"}, **HTMX)
+    supervisor_client.post("/replies/", {"title": "Mine", "shortcut": "mine", "text": "Mine"}, **HTMX)
+    assert dict(CannedReply.objects.values_list("shortcut", "owner")) == {"greet": None, "hi": None, "mine": supervisor.pk}
 
 
 def test_a_viewer_cannot_open_the_canned_replies_page(viewer_client):

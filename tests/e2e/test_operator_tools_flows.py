@@ -27,7 +27,7 @@ def sends_to(stack, session_id: str) -> list:
     return [f for f in list(stack.sim.sim.received) if f.get("event") == "session.send" and f.get("session_id") == session_id]
 
 
-def test_the_picker_inserts_a_canned_reply_by_keyboard_and_sends_nothing(new_page, stack, operators):
+def test_the_picker_inserts_a_canned_reply_by_keyboard_and_sends_nothing(new_page, stack, operators, tmp_path):
     phone, session_id = a_customer(stack, name="Zoë <b>Quinn</b>", text="Where is my order?")
     stack.shell(
         "from conversations.models import CannedReply\n"
@@ -49,6 +49,7 @@ def test_the_picker_inserts_a_canned_reply_by_keyboard_and_sends_nothing(new_pag
     expect(picker.locator("[aria-selected=true]")).to_contain_text("/order-late")
     composer.press("ArrowDown")
     expect(picker.locator("[aria-selected=true]")).to_contain_text("/order-status")
+    page.screenshot(path=str(tmp_path / "picker.png"))
     composer.press("Enter")
 
     expect(composer).to_have_value("Hello! Hi Zoë, Ana here: your order is on its way.")
@@ -73,6 +74,9 @@ def test_the_picker_inserts_a_canned_reply_by_keyboard_and_sends_nothing(new_pag
     composer.press("Enter")  # now Enter sends what was edited
     frame = stack.sim.wait_for("session.send", session_id=session_id)
     assert frame["text"] == "Hello! Hi Zoë, Ana here: your order is on its way. /zzz"
+    page.goto(f"{stack.base_url}/replies/")
+    expect(page.locator(".canned-row", has_text="/order-status")).to_contain_text("used 1 time")
+    page.screenshot(path=str(tmp_path / "replies.png"))
 
 
 def test_a_note_appears_as_a_note_and_tells_the_mentioned_operator(new_page, stack, operators):
