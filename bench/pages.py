@@ -1,5 +1,6 @@
-"""4. Pages at scale: the inbox and a long conversation, 100,000 conversations and
-1,000,000 messages in PostgreSQL (and the same pages on a small dataset).
+"""4. Pages at scale: the inbox, a long conversation and the reports over 30 days,
+100,000 conversations and 1,000,000 messages in PostgreSQL (and the same pages on a
+small dataset).
 
 The datasets are generated with SQL (`INSERT ... SELECT generate_series`), the
 denormalised columns (message_count, last_message_at, last_customer_message_at,
@@ -24,7 +25,9 @@ from bench.stack import close_orm_connections, orm
 
 BIG = {"conversations": 100_000, "messages": 1_000_000, "long": 5_000}
 SMALL = {"conversations": 1_000, "messages": 10_000, "long": 1_000}
-DATASET_VERSION = 1
+DATASET_VERSION = 2
+# The reports page over the dataset's 30 days, as a supervisor sees it (everyone's figures).
+REPORT_DAYS = 30
 OPERATORS = 5
 SAMPLES = 50
 WARMUP = 5
@@ -54,6 +57,7 @@ def _build(name: str, size: dict, log) -> None:
     config.use_database(name)
     operators = create_operators(OPERATORS, prefix="pages")
     op_ids = [o.pk for o in operators]
+    _create_supervisor()
     config.use_database(config.DB_LIVE)
 
     C, M, L = size["conversations"], size["messages"], size["long"]
@@ -74,7 +78,8 @@ def _build(name: str, size: dict, log) -> None:
             id, session_id, agent_id, contact_phone, contact_name, state, end_reason,
             holder, held_by_id, held_since, ai_paused, needs_human, started_at, ended_at,
             last_message_at, last_customer_message_at, last_message_preview,
-            last_message_author, message_count, unread_count, created_at, updated_at)
+            last_message_author, message_count, unread_count, created_at, updated_at,
+            unreceived, auto_paused, needs_human_reason, needs_human_words)
         OVERRIDING SYSTEM VALUE
         SELECT g,
             'wa-' || lpad(to_hex(g), 12, '0'),
@@ -90,7 +95,7 @@ def _build(name: str, size: dict, log) -> None:
             g % 50 = 25,
             CASE WHEN g = 1 THEN now() - interval '30 seconds' * %(L)s
                  ELSE now() - interval '30 days' + interval '30 days' * g / %(C)s END,
-            NULL, NULL, NULL, '', '', 0, 0, now(), now()
+            NULL, NULL, NULL, '', '', 0, 0, now(), now(), '[]'::jsonb, false, '', ''
         FROM generate_series(1, %(C)s) AS g
         """,
         # The others' messages: message k of conversation c (k-th round), customer
@@ -98,7 +103,7 @@ def _build(name: str, size: dict, log) -> None:
         """
         INSERT INTO conversations_message (
             conversation_id, message_id, direction, author, type, text, paused, status,
-            error, echo_received, created_at, status_changed_at)
+            error, echo_received, altered, created_at, status_changed_at)
         SELECT c, 'wamid.BENCH' || g,
             CASE WHEN k % 2 = 0 THEN 'in' ELSE 'out' END,
             CASE WHEN k % 2 = 0 THEN 'customer' ELSE 'ai' END,
@@ -108,7 +113,7 @@ def _build(name: str, size: dict, log) -> None:
                  ELSE 'Thanks for writing! Order #' || (g % 99991) || ' left our warehouse and should arrive tomorrow.' END,
             CASE WHEN k % 2 = 0 THEN false END,
             CASE WHEN k % 2 = 0 THEN '' ELSE 'read' END,
-            '', false,
+            '', false, false,
             ts, CASE WHEN k % 2 = 1 THEN ts END
         FROM (
             SELECT g, 2 + g % %(others)s AS c, g / %(others)s AS k,
@@ -121,7 +126,7 @@ def _build(name: str, size: dict, log) -> None:
         """
         INSERT INTO conversations_message (
             conversation_id, message_id, direction, author, type, text, paused, status,
-            error, echo_received, created_at, status_changed_at)
+            error, echo_received, altered, created_at, status_changed_at)
         SELECT 1, 'wamid.BENCHLONG' || k,
             CASE WHEN k % 2 = 0 THEN 'in' ELSE 'out' END,
             CASE WHEN k % 2 = 0 THEN 'customer' ELSE 'ai' END,
@@ -131,7 +136,7 @@ def _build(name: str, size: dict, log) -> None:
                  ELSE 'Happy to help with that. Here is what I found about your order (' || k || ').' END,
             CASE WHEN k % 2 = 0 THEN false END,
             CASE WHEN k % 2 = 0 THEN '' ELSE 'read' END,
-            '', false,
+            '', false, false,
             now() - interval '30 seconds' * (%(L)s - k),
             CASE WHEN k % 2 = 1 THEN now() - interval '30 seconds' * (%(L)s - k) END
         FROM generate_series(0, %(L)s - 1) AS k
@@ -161,6 +166,7 @@ def _build(name: str, size: dict, log) -> None:
         WHERE state = 'ended'
         """,
         "UPDATE conversations_conversation SET unread_count = 2 WHERE held_by_id IS NOT NULL",
+        *_takeover_statements(op_ids),
         """SELECT setval(pg_get_serial_sequence('conversations_conversation', 'id'),
                          (SELECT max(id) FROM conversations_conversation))""",
         """SELECT setval(pg_get_serial_sequence('conversations_message', 'id'),
@@ -180,11 +186,89 @@ def _build(name: str, size: dict, log) -> None:
     db.set_marker(name, spec_for(size))
 
 
+def _create_supervisor() -> None:
+    """The reports' reader: a supervisor sees every operator's figures."""
+    from django.contrib.auth.models import Group, User
+
+    user = User.objects.create(username="pagessup", first_name="Bench", last_name="Supervisor",
+                               password="!bench-unusable")
+    user.groups.add(*Group.objects.filter(name="Supervisors"))
+
+
+def _takeover_statements(op_ids: list[int]) -> list[str]:
+    """The takeover episodes, as the services write them, for the reports.
+
+    1 in 8 conversations has a customer who asks for a person a few minutes in: 15 %
+    fall back to the AI after 10 min, the others are taken over after 20 s to 15 min
+    (skewed: most within a few minutes), answered 10 s to 2 min later and handed back
+    by hand (75 %) or automatically (15 %), or end while held (10 %). 1 in 40 is taken
+    over with nobody waiting. The queue's waiting customers (1 in 50) and the held
+    conversations (1 in 100) have open episodes. 1 in 500 has a failed pause.
+    """
+    op = "CASE " + " ".join(f"WHEN id % {len(op_ids)} = {i} THEN {pk}" for i, pk in enumerate(op_ids)) + " END"
+    columns = """conversation_id, agent_id, started_at, needs_human_at, needs_human_reason, taken_by_id,
+            claimed_at, taken_at, first_reply_at, ended_at, "end", wait_seconds, reply_seconds, handling_seconds"""
+    sample = f"""id, agent_id, started_at, held_by_id, held_since,
+                20 + 880 * power(((id * 7919) % 1000) / 1000.0, 2) AS wait,
+                10 + (id * 31) % 110 AS reply, 120 + (id * 13) % 1500 AS handling,
+                (id * 17) % 100 AS kind, (id * 29) % 100 < 15 AS fell_back, {op} AS op
+            FROM conversations_conversation"""
+    return [
+        f"""
+        INSERT INTO conversations_takeover ({columns})
+        SELECT id, agent_id, nh, nh, 'asked',
+            CASE WHEN fell_back THEN NULL ELSE op END,
+            CASE WHEN fell_back THEN NULL ELSE nh + interval '1 second' * (wait - 1) END,
+            CASE WHEN fell_back THEN NULL ELSE nh + interval '1 second' * wait END,
+            CASE WHEN fell_back THEN NULL ELSE nh + interval '1 second' * (wait + reply) END,
+            CASE WHEN fell_back THEN nh + interval '600 seconds' ELSE nh + interval '1 second' * (wait + handling) END,
+            CASE WHEN fell_back THEN 'fallback' WHEN kind < 75 THEN 'manual' WHEN kind < 90 THEN 'auto' ELSE 'ended' END,
+            CASE WHEN fell_back THEN NULL ELSE wait END,
+            CASE WHEN fell_back THEN NULL ELSE reply END,
+            CASE WHEN fell_back OR kind >= 90 THEN NULL ELSE handling END
+        FROM (SELECT started_at + interval '1 minute' * (1 + id % 7) AS nh, * FROM (SELECT {sample}) AS r) AS s
+        WHERE id % 8 = 3 AND id % 50 <> 25 AND id % 100 <> 0 AND id > 1
+        """,
+        f"""
+        INSERT INTO conversations_takeover ({columns})
+        SELECT id, agent_id, t, NULL, '', op, t, t + interval '1 second', t + interval '1 second' * (1 + reply),
+            t + interval '1 second' * (1 + handling),
+            CASE WHEN kind < 80 THEN 'manual' ELSE 'auto' END, NULL, reply, handling
+        FROM (SELECT started_at + interval '3 minutes' AS t, * FROM (SELECT {sample}) AS r) AS s
+        WHERE id % 40 = 7 AND id > 1
+        """,
+        # The queue: waiting now, nobody has taken them yet.
+        f"""
+        INSERT INTO conversations_takeover ({columns})
+        SELECT id, agent_id, now() - interval '1 minute' * (1 + id % 10), now() - interval '1 minute' * (1 + id % 10),
+            'asked', NULL, NULL, NULL, NULL, NULL, '', NULL, NULL, NULL
+        FROM conversations_conversation WHERE id % 50 = 25
+        """,
+        "UPDATE conversations_conversation SET needs_human_since = now() - interval '1 minute' * (1 + id % 10),"
+        " needs_human_reason = 'asked' WHERE id % 50 = 25",
+        # Held now: taken after a wait, not handed back yet.
+        f"""
+        INSERT INTO conversations_takeover ({columns})
+        SELECT id, agent_id, held_since - interval '1 second' * wait, held_since - interval '1 second' * wait,
+            'asked', held_by_id, held_since - interval '1 second', held_since, NULL, NULL, '', wait, NULL, NULL
+        FROM (SELECT {sample}) AS s WHERE id % 100 = 0
+        """,
+        f"""
+        INSERT INTO conversations_command (kind, scope, agent_id, session_id, contact_phone, text, line_id,
+            conversation_id, operator_id, status, error_code, error_message, attempts, created_at, completed_at)
+        SELECT 'pause', 'session', agent_id, session_id, '', '', '', id, {op}, 'failed', 'AGENT_OFFLINE',
+            'The agent is offline', 1, started_at + interval '2 minutes', started_at + interval '2 minutes'
+        FROM conversations_conversation WHERE id % 500 = 11
+        """,
+    ]
+
+
 def _check(name: str, size: dict) -> dict:
     with db.connect(name) as conn:
-        convs, msgs = conn.execute(
+        convs, msgs, episodes = conn.execute(
             "SELECT (SELECT count(*) FROM conversations_conversation),"
-            " (SELECT count(*) FROM conversations_message)"
+            " (SELECT count(*) FROM conversations_message),"
+            " (SELECT count(*) FROM conversations_takeover)"
         ).fetchone()
         bad = conn.execute(
             "SELECT count(*) FROM conversations_conversation c WHERE message_count <>"
@@ -194,7 +278,8 @@ def _check(name: str, size: dict) -> dict:
         long_count = conn.execute(
             "SELECT message_count FROM conversations_conversation WHERE id = 1"
         ).fetchone()[0]
-    return {"conversations": convs, "messages": msgs, "long_conversation_messages": long_count,
+    return {"conversations": convs, "messages": msgs, "takeover_episodes": episodes,
+            "long_conversation_messages": long_count,
             "inconsistent_counts_sampled": bad}
 
 
@@ -213,22 +298,29 @@ def ensure(name: str, size: dict, *, fresh: bool, log) -> dict:
 
 
 def _measure(name: str, *, samples: int, extras: bool, profile_dir=None, profile: bool = False) -> dict:
+    from datetime import timedelta
+
     from django.contrib.auth.models import User
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
+    from django.utils import timezone
 
     from conversations.models import Message
 
     config.use_database(name)
     try:
         user = User.objects.get(username="pages0")
-        client = Client(HTTP_HOST="127.0.0.1")
-        client.force_login(user)
+        operator_client = Client(HTTP_HOST="127.0.0.1")
+        operator_client.force_login(user)
+        supervisor = Client(HTTP_HOST="127.0.0.1")
+        supervisor.force_login(User.objects.get(username="pagessup"))
+        today = timezone.localdate()
+        reports_url = f"/reports/?start={today - timedelta(days=REPORT_DAYS - 1)}&end={today}"
         oldest_shown = (
             Message.objects.filter(conversation_id=1).order_by("-id").values_list("id", flat=True)[199]
         )
-        urls = {"inbox": ("/", samples), "conversation": ("/c/1/", samples)}
+        urls = {"inbox": ("/", samples), "conversation": ("/c/1/", samples), "reports": (reports_url, samples)}
         if extras:
             for key, (url, n) in EXTRA.items():
                 if key == "conversation_earlier":
@@ -238,6 +330,8 @@ def _measure(name: str, *, samples: int, extras: bool, profile_dir=None, profile
                 urls[key] = (url, n)
         out = {}
         for key, (url, n) in urls.items():
+            # The reports are read as a supervisor: every operator's figures.
+            client = supervisor if key == "reports" else operator_client
             for _ in range(WARMUP):
                 response = client.get(url)
             if response.status_code != 200:
@@ -264,7 +358,7 @@ def _measure(name: str, *, samples: int, extras: bool, profile_dir=None, profile
                     {"ms": round(float(q["time"]) * 1000, 2), "sql": q["sql"][:300]} for q in slowest
                 ],
             }
-            if profile and key in ("inbox", "conversation") and summary["p50_ms"] > 50:
+            if profile and key in ("inbox", "conversation", "reports") and summary["p50_ms"] > 50:
                 out[key]["profile"] = _pyinstrument(client, url, profile_dir / f"pages-{key}.txt")
         return out
     finally:
@@ -365,7 +459,7 @@ async def run(h) -> dict:
             profile_dir=h.profile_dir, profile=h.profile and label == "big",
         )
         result[label] = {"dataset": {**size, **checked, **built}, "pages": measured}
-        for key in ("inbox", "conversation"):
+        for key in ("inbox", "conversation", "reports"):
             m = measured.get(key, {})
             h.log(f"pages {label} {key}: p50 {m.get('p50_ms')} p99 {m.get('p99_ms')} ms, "
                   f"{m.get('queries')} queries {m.get('error', '')}")
@@ -374,7 +468,7 @@ async def run(h) -> dict:
     result["render_breakdown"] = await orm(_render_breakdown, config.DB_PAGES)
     await close_orm_connections()
     big, small = result["big"]["pages"], result["small"]["pages"]
-    for key in ("inbox", "conversation"):
+    for key in ("inbox", "conversation", "reports"):
         result[key] = {
             "p50_ms": big.get(key, {}).get("p50_ms"),
             "p99_ms": big.get(key, {}).get("p99_ms"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
-WIDTH, HEIGHT = 720, 260
+WIDTH, HEIGHT = 960, 300
 LEFT, RIGHT, TOP, BOTTOM = 52, 16, 30, 48
 X_LABELS_SHOWN = 8
 Y_TICKS = 4
@@ -84,8 +84,8 @@ def _frame(*, chart_id: str, title: str, desc: str, x_title: str, y_title: str, 
     return parts
 
 
-def _x_labels(labels: list[str], xs: list[float]) -> SafeString:
-    every = max(1, math.ceil(len(labels) / X_LABELS_SHOWN))
+def _x_labels(labels: list[str], xs: list[float], *, shown: int = X_LABELS_SHOWN) -> SafeString:
+    every = max(1, math.ceil(len(labels) / shown))
     return format_html_join(
         "",
         '<text class="chart-tick" x="{}" y="{}" text-anchor="middle">{}</text>',
@@ -138,7 +138,7 @@ def bar_chart(
     slot = width / count
     xs = [LEFT + slot * (i + 0.5) for i in range(count)]
     parts = _frame(chart_id=chart_id, title=title, desc=desc, x_title=x_title, y_title=y_title, top=top)
-    parts.append(_x_labels(labels, xs))
+    parts.append(_x_labels(labels, xs, shown=count))  # every bar is named
     base = _y(0, top)
     parts.append(
         format_html_join(

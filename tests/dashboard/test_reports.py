@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from conversations import services
 from conversations.models import AuditEntry
+from dashboard import charts
 from dashboard.exports import csv_cell
 from tests.factories import ConversationFactory, MessageFactory, OperatorFactory
 
@@ -254,3 +255,29 @@ class TestCsv:
         assert size > 10_000_000
         # Chunks of 1,000 rows at a time: a fraction of the whole file, never all of it.
         assert peak < size / 4, (peak, size)
+
+
+# ---------------------------------------------------------------- the charts
+
+
+class TestCharts:
+    def test_labels_are_escaped_and_every_point_links(self):
+        svg = charts.line_chart(
+            chart_id="c", title="<b>t</b>", desc="d", x_title="Day", y_title="Count",
+            x_labels=["<img src=x>", "b"],
+            series=[charts.Series(key="taken", label="Taken", values=[1, 3], hrefs=["/a?x=1&y=2", "/b"])],
+        )
+        assert "<img" not in svg and "&lt;img src=x&gt;" in svg and "&lt;b&gt;t&lt;/b&gt;" in svg
+        assert svg.count("<a href=") == 2 and 'href="/a?x=1&amp;y=2"' in svg
+
+    def test_bars_grow_with_their_values(self):
+        svg = charts.bar_chart(
+            chart_id="h", title="t", desc="d", x_title="x", y_title="y", labels=["a", "b"], values=[1, 4],
+            hrefs=["/1", "/2"],
+        )
+        heights = [float(h) for h in re.findall(r'class="chart-bar"[^>]* height="([\d.]+)"', svg)]
+        assert len(heights) == 2 and heights[1] == pytest.approx(4 * heights[0])
+
+    @pytest.mark.parametrize("value, top", [(0, 4), (3, 4), (5, 8), (9, 12), (100, 100), (101, 120), (1234, 2000)])
+    def test_the_axis_ends_on_a_round_number(self, value, top):
+        assert charts.nice_ceiling(value) == top
