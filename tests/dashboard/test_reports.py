@@ -113,6 +113,14 @@ class TestFigureConversations:
         page2 = supervisor_client.get(f"/reports/conversations/?{older}").content.decode()
         assert "Taken 0" in page2 and "Taken 1" not in page2 and 'rel="next"' not in page2
 
+    def test_a_point_of_the_series_lists_its_day(self, supervisor_client, operator):
+        taken_over(ConversationFactory(contact_name="Today's"), operator)
+        html = supervisor_client.get("/reports/").content.decode()
+        today_point = re.findall(r'<a href="([^"]*show=taken[^"]*)"><circle', html)[-1].replace("&amp;", "&")
+        assert "Today&#x27;s" in supervisor_client.get(today_point).content.decode()
+        yesterday_point = re.findall(r'<a href="([^"]*show=taken[^"]*)"><circle', html)[-2].replace("&amp;", "&")
+        assert "No conversations." in supervisor_client.get(yesterday_point).content.decode()
+
     def test_an_operator_is_held_to_their_own(self, operator_client, other_operator):
         taken_over(ConversationFactory(contact_name="Bruno's customer"), other_operator)
         page = operator_client.get(f"/reports/conversations/?show=taken&operator={other_operator.pk}")
@@ -281,3 +289,8 @@ class TestCharts:
     @pytest.mark.parametrize("value, top", [(0, 4), (3, 4), (5, 8), (9, 12), (100, 100), (101, 120), (1234, 2000)])
     def test_the_axis_ends_on_a_round_number(self, value, top):
         assert charts.nice_ceiling(value) == top
+
+
+def test_the_conversation_page_offers_its_transcript(viewer_client, conversation):
+    html = viewer_client.get(f"/c/{conversation.pk}/").content.decode()
+    assert f'href="/c/{conversation.pk}/transcript.csv"' in html
