@@ -701,27 +701,21 @@
     $$("[data-empty]", target).forEach(function (el) { el.remove(); });
   });
 
-  /* A call's page: a new line replaces the caption it finalises, and the page follows it. */
-  document.addEventListener("htmx:oobAfterSwap", function (e) {
-    var target = e.detail.target;
+  /* A call's page: its lines scroll between the header and the actions and follow
+   * the newest (a caption growing, a line made final) unless the person scrolled up
+   * to read. A replaced line fires its htmx event off the page, so the lines
+   * themselves are watched. */
+  (function followCallLines() {
     var lines = $("#call-lines");
-    if (!lines || !target) return;
-    if ((target === lines || lines.contains(target) || target.id === "call-draft") && callLinesPinned) {
-      lines.scrollTop = lines.scrollHeight;
-    }
-  });
-
-  /* The lines scroll between the header and the actions: they follow the newest
-   * unless the person scrolled up to read. */
-  var callLinesPinned = true;
-  document.addEventListener("DOMContentLoaded", function () {
-    var lines = $("#call-lines");
-    if (!lines) return;
+    if (!lines || !window.MutationObserver) return;
+    var pinned = true;
     lines.scrollTop = lines.scrollHeight;
-    lines.addEventListener("scroll", function () {
-      callLinesPinned = lines.scrollHeight - lines.scrollTop - lines.clientHeight < 80;
-    });
-  });
+    lines.addEventListener("scroll", function () { pinned = nearBottom(lines); });
+    function follow() { if (pinned) lines.scrollTop = lines.scrollHeight; }
+    new MutationObserver(follow).observe(lines, { childList: true, subtree: true, characterData: true });
+    // The header growing (on hold, muted) shrinks the lines' box without touching them.
+    if (window.ResizeObserver) new ResizeObserver(follow).observe(lines);
+  })();
 
   // ------------------------------------------------------------ presence
 

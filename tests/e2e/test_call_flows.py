@@ -110,6 +110,11 @@ def test_a_supervisor_watches_captions_grow_and_steps_in_with_screenshots(new_pa
     stack.sim.wait_for("call.hold", call_id=call_id)
     expect(page.locator("#call-header .badge-hold")).to_be_visible()
     expect(page.locator("[data-action=call-hold]")).to_be_hidden()
+    # The newest line in view: the lines follow what is said (and the header growing).
+    page.wait_for_function(
+        "() => { const l = document.getElementById('call-lines');"
+        " return l.scrollHeight - l.scrollTop - l.clientHeight < 2; }"
+    )
     page.screenshot(path=str(out / "screenshot-call.png"))
     page.click("[data-action=call-unhold]")
     expect(page.locator("#call-header .badge-hold")).to_have_count(0)
