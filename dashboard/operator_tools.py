@@ -56,7 +56,7 @@ def add_note(request: HttpRequest, pk: int) -> HttpResponse:
     conversation = _conversation_or_404(pk)
     try:
         note, mentions = operator_tools.note_create(
-            conversation=conversation, operator=request.user, text=request.POST.get("text", "")
+            conversation=conversation, operator=request.user, text=request.POST.get("note", "")
         )
     except REFUSALS as exc:
         status, message = _refusal(exc)

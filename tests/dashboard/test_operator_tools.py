@@ -39,7 +39,7 @@ def test_inserting_counts_the_use(operator_client):
 
 def test_a_note_posted_comes_back_as_a_note_and_is_never_sent(operator_client, operator):
     conversation = ConversationFactory()
-    response = operator_client.post(f"/c/{conversation.pk}/notes/", {"text": "Call <b>back</b> @nobody"}, **HTMX)
+    response = operator_client.post(f"/c/{conversation.pk}/notes/", {"note": "Call <b>back</b> @nobody"}, **HTMX)
     html = response.content.decode()
     assert response.status_code == 200
     assert 'class="internal-note"' in html and "Internal note" in html
@@ -50,7 +50,7 @@ def test_a_note_posted_comes_back_as_a_note_and_is_never_sent(operator_client, o
 
 def test_a_viewer_cannot_post_a_note(viewer_client):
     conversation = ConversationFactory()
-    response = viewer_client.post(f"/c/{conversation.pk}/notes/", {"text": "hi"}, **HTMX)
+    response = viewer_client.post(f"/c/{conversation.pk}/notes/", {"note": "hi"}, **HTMX)
     assert response.status_code == 403 and not Note.objects.exists()
 
 

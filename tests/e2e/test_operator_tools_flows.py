@@ -2,17 +2,26 @@
 
 import re
 
+import pytest
 from playwright.sync_api import expect
 
-from tests.e2e.test_operator_flows import (  # noqa: F401  (the operators fixture)
+from tests.e2e.test_operator_flows import (
     DOCS,
     WRITE_DOCS,
     new_contact,
     open_conversation,
-    operators,
     take_over,
     wait_stored,
 )
+
+
+@pytest.fixture(scope="module")
+def operators(stack):
+    """People of their own (the stack outlives a module): a supervisor and an operator."""
+    return {
+        "ana": stack.create_user("tools_ana", role="Supervisors", first_name="Ana"),
+        "bruno": stack.create_user("tools_bruno", role="Operators", first_name="Bruno"),
+    }
 
 
 def a_customer(stack, *, name: str, text: str) -> tuple[str, str]:
@@ -35,7 +44,7 @@ def test_the_picker_inserts_a_canned_reply_by_keyboard_and_sends_nothing(new_pag
         "CannedReply.objects.get_or_create(shortcut='order-status', defaults={'title': 'Order status', "
         "'text': 'Hi {{customer_first_name}}, {{operator_first_name}} here: your order is on its way.'})\n"
     )
-    page = new_page(username="ana")
+    page = new_page(username=operators["ana"])
     open_conversation(page, stack, phone)
     take_over(page, stack, session_id)
 
@@ -93,9 +102,9 @@ def test_a_note_appears_as_a_note_and_tells_the_mentioned_operator(new_page, sta
         f"Call.objects.create(call_id='call-{phone}', agent_id=settings.PINECALL_AGENT_ID, from_number='+{phone}', state='ended',"
         " started_at=earlier, ended_at=earlier, end_reason='hangup', duration_seconds=95)\n"
     )
-    bruno = new_page(username="bruno")
+    bruno = new_page(username=operators["bruno"])
     expect(bruno.locator("#live-status")).to_have_attribute("data-state", "live")
-    page = new_page(username="ana", width=1280, height=800)
+    page = new_page(username=operators["ana"], width=1280, height=800)
     open_conversation(page, stack, phone)
 
     panel = page.locator("[data-contact-panel]")
@@ -108,7 +117,7 @@ def test_a_note_appears_as_a_note_and_tells_the_mentioned_operator(new_page, sta
     page.click("[data-compose-tab=note]")
     note_box = page.locator("[data-note-composer] textarea")
     expect(note_box).to_be_focused()
-    note_box.type("@bruno she already tried two chargers: replacement approved")
+    note_box.type("@tools_bruno she already tried two chargers: replacement approved")
     note_box.press("Control+Enter")
     note = page.locator(".internal-note").last
     expect(note).to_contain_text("Internal note")
@@ -130,7 +139,7 @@ def test_a_note_appears_as_a_note_and_tells_the_mentioned_operator(new_page, sta
         page.screenshot(path=str(DOCS / "screenshot-notes.png"))
 
     # Narrow: the panel is a drawer, opened and closed from the conversation.
-    narrow = new_page(username="ana", width=820, height=900)
+    narrow = new_page(username=operators["ana"], width=820, height=900)
     narrow.goto(page.url)
     expect(narrow.locator("[data-contact-panel]")).to_be_hidden()
     narrow.click(".contact-toggle")
