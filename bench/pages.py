@@ -206,8 +206,8 @@ def _takeover_statements(op_ids: list[int]) -> list[str]:
     conversations (1 in 100) have open episodes. 1 in 500 has a failed pause.
     """
     op = "CASE " + " ".join(f"WHEN id % {len(op_ids)} = {i} THEN {pk}" for i, pk in enumerate(op_ids)) + " END"
-    columns = """conversation_id, agent_id, started_at, needs_human_at, needs_human_reason, taken_by_id,
-            claimed_at, taken_at, first_reply_at, ended_at, "end", wait_seconds, reply_seconds, handling_seconds"""
+    columns = """conversation_id, agent_id, conversation_started_at, started_at, needs_human_at,
+            needs_human_reason, taken_by_id, claimed_at, taken_at, first_reply_at, ended_at, "end", wait_seconds, reply_seconds, handling_seconds"""
     sample = f"""id, agent_id, started_at, held_by_id, held_since,
                 20 + 880 * power(((id * 7919) % 1000) / 1000.0, 2) AS wait,
                 10 + (id * 31) % 110 AS reply, 120 + (id * 13) % 1500 AS handling,
@@ -216,7 +216,7 @@ def _takeover_statements(op_ids: list[int]) -> list[str]:
     return [
         f"""
         INSERT INTO conversations_takeover ({columns})
-        SELECT id, agent_id, nh, nh, 'asked',
+        SELECT id, agent_id, started_at, nh, nh, 'asked',
             CASE WHEN fell_back THEN NULL ELSE op END,
             CASE WHEN fell_back THEN NULL ELSE nh + interval '1 second' * (wait - 1) END,
             CASE WHEN fell_back THEN NULL ELSE nh + interval '1 second' * wait END,
@@ -231,7 +231,7 @@ def _takeover_statements(op_ids: list[int]) -> list[str]:
         """,
         f"""
         INSERT INTO conversations_takeover ({columns})
-        SELECT id, agent_id, t, NULL, '', op, t, t + interval '1 second', t + interval '1 second' * (1 + reply),
+        SELECT id, agent_id, started_at, t, NULL, '', op, t, t + interval '1 second', t + interval '1 second' * (1 + reply),
             t + interval '1 second' * (1 + handling),
             CASE WHEN kind < 80 THEN 'manual' ELSE 'auto' END, NULL, reply, handling
         FROM (SELECT started_at + interval '3 minutes' AS t, * FROM (SELECT {sample}) AS r) AS s
@@ -240,7 +240,7 @@ def _takeover_statements(op_ids: list[int]) -> list[str]:
         # The queue: waiting now, nobody has taken them yet.
         f"""
         INSERT INTO conversations_takeover ({columns})
-        SELECT id, agent_id, now() - interval '1 minute' * (1 + id % 10), now() - interval '1 minute' * (1 + id % 10),
+        SELECT id, agent_id, started_at, now() - interval '1 minute' * (1 + id % 10), now() - interval '1 minute' * (1 + id % 10),
             'asked', NULL, NULL, NULL, NULL, NULL, '', NULL, NULL, NULL
         FROM conversations_conversation WHERE id % 50 = 25
         """,
@@ -249,7 +249,7 @@ def _takeover_statements(op_ids: list[int]) -> list[str]:
         # Held now: taken after a wait, not handed back yet.
         f"""
         INSERT INTO conversations_takeover ({columns})
-        SELECT id, agent_id, held_since - interval '1 second' * wait, held_since - interval '1 second' * wait,
+        SELECT id, agent_id, started_at, held_since - interval '1 second' * wait, held_since - interval '1 second' * wait,
             'asked', held_by_id, held_since - interval '1 second', held_since, NULL, NULL, '', wait, NULL, NULL
         FROM (SELECT {sample}) AS s WHERE id % 100 = 0
         """,

@@ -458,6 +458,9 @@ class Takeover(models.Model):
     agent_id = models.CharField(max_length=100)
     # When the episode counts in a report: the wait's start, else the take over's.
     started_at = models.DateTimeField(default=timezone.now)
+    # The conversation's start, copied (it never changes): "handled by the AI alone"
+    # counts the conversations of a range that had an episode without a join.
+    conversation_started_at = models.DateTimeField()
     needs_human_at = models.DateTimeField(null=True, blank=True)
     needs_human_reason = models.CharField(max_length=20, blank=True)
     taken_by = models.ForeignKey(
@@ -479,6 +482,7 @@ class Takeover(models.Model):
         indexes = [
             models.Index(fields=["started_at"], name="takeover_started"),
             models.Index(fields=["conversation", "-id"], name="takeover_conversation"),
+            models.Index(fields=["conversation_started_at", "conversation"], name="takeover_conv_started"),
         ]
 
     def __str__(self) -> str:

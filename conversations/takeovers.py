@@ -46,6 +46,7 @@ def waits(conversation: Conversation, *, reason: str, at: datetime) -> Takeover:
     return Takeover.objects.create(
         conversation=conversation,
         agent_id=conversation.agent_id,
+        conversation_started_at=conversation.started_at,
         started_at=at,
         needs_human_at=at,
         needs_human_reason=reason,
@@ -63,8 +64,8 @@ def claimed(conversation: Conversation, *, operator, at: datetime) -> Takeover:
         takeover = None
     if takeover is None:
         return Takeover.objects.create(
-            conversation=conversation, agent_id=conversation.agent_id, started_at=at,
-            taken_by=operator, claimed_at=at,
+            conversation=conversation, agent_id=conversation.agent_id,
+            conversation_started_at=conversation.started_at, started_at=at, taken_by=operator, claimed_at=at,
         )
     if takeover.taken_by_id is None:
         takeover.taken_by = operator

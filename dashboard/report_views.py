@@ -17,6 +17,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from conversations import reports, selectors, services
+from conversations.models import AuditEntry
 from conversations.permissions import can_pause_wide, display_name
 from dashboard import charts, exports
 from dashboard.report_forms import AuditForm, FigureForm, RangeForm
@@ -235,10 +236,12 @@ def audit_csv(request: HttpRequest) -> HttpResponse:
     f = form.audit_filter()
     services.export_logged(operator=request.user, what=f"audit trail ({request.GET.urlencode()})"[:500])
     entries = reports.audit_entries(f).iterator(chunk_size=exports.CHUNK_SIZE)
+    # Labels looked up once: get_FOO_display() rebuilds its dict on every call.
+    actions, outcomes = dict(AuditEntry.Action.choices), dict(AuditEntry.Outcome.choices)
     rows = (
         (
-            e.created_at, _person(e.operator) if e.operator_id else "Automatic", e.get_action_display(),
-            e.get_outcome_display(), e.detail, e.conversation_id or "", e.contact_phone,
+            e.created_at, _person(e.operator) if e.operator_id else "Automatic", actions.get(e.action, e.action),
+            outcomes.get(e.outcome, e.outcome), e.detail, e.conversation_id or "", e.contact_phone,
             e.command.call_id if e.command_id and e.command.call_id else "", e.completed_at,
         )
         for e in entries

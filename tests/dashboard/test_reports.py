@@ -237,6 +237,7 @@ class TestCsv:
         assert supervisor_client.get("/reports/nope.csv").status_code == 404
         assert supervisor_client.get("/reports/days.csv?start=2026-12-09&end=2026-12-01").status_code == 422
 
+    @pytest.mark.timeout(300)  # 100,000 rows written, then read back under tracemalloc
     def test_the_audit_trail_of_100000_rows_streams_in_chunks(self, supervisor_client, supervisor, conversation):
         AuditEntry.objects.bulk_create(
             (

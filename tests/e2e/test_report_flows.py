@@ -28,13 +28,15 @@ for i in range(140):
         continue
     asked = started + timedelta(minutes=2)
     if i % 5 == 0:
-        Takeover.objects.create(conversation=c, agent_id="support", started_at=asked, needs_human_at=asked,
-                                ended_at=asked + timedelta(minutes=10), end="fallback")
+        Takeover.objects.create(conversation=c, agent_id="support", conversation_started_at=started,
+                                started_at=asked, needs_human_at=asked, ended_at=asked + timedelta(minutes=10),
+                                end="fallback")
         continue
     wait = 20 + (i * 37) % 1500
     taken = asked + timedelta(seconds=wait)
     Takeover.objects.create(
-        conversation=c, agent_id="support", started_at=asked, needs_human_at=asked, taken_by=people[i % 2],
+        conversation=c, agent_id="support", conversation_started_at=started, started_at=asked, needs_human_at=asked,
+        taken_by=people[i % 2],
         claimed_at=taken, taken_at=taken, first_reply_at=taken + timedelta(seconds=30),
         ended_at=taken + timedelta(minutes=8), end="manual" if i % 4 else "auto",
         wait_seconds=wait, reply_seconds=30, handling_seconds=480,
