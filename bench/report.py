@@ -104,9 +104,10 @@ def targets(doc: dict) -> dict:
     stored, messages = _get(doc, "ingest", "stored"), _get(doc, "ingest", "messages")
     take, send = _get(doc, "round_trip", "take_over", "p50_ms"), _get(doc, "round_trip", "send", "p50_ms")
     inbox, conv = _get(doc, "pages", "inbox", "p50_ms"), _get(doc, "pages", "conversation", "p50_ms")
+    reports_p50 = _get(doc, "pages", "reports", "p50_ms")
     q = [
         (_get(doc, "pages", k, "queries"), _get(doc, "pages", k, "queries_small"))
-        for k in ("inbox", "conversation")
+        for k in ("inbox", "conversation", "reports")
     ]
     kb = _get(doc, "memory", "kb_per_socket")
     cut, kill = _get(doc, "faults", "pg_cut") or {}, _get(doc, "faults", "kill9") or {}
@@ -140,6 +141,8 @@ def targets(doc: dict) -> dict:
                             "met": check(send, lambda v: v <= 25 and (send_p99 or 0) <= 60)},
         "pages_inbox": {"target": "p50 <= 50 ms", "value": inbox, "met": check(inbox, lambda v: v <= 50)},
         "pages_conversation": {"target": "p50 <= 50 ms", "value": conv, "met": check(conv, lambda v: v <= 50)},
+        "pages_reports": {"target": "p50 <= 150 ms", "value": reports_p50,
+                          "met": check(reports_p50, lambda v: v <= 150)},
         "pages_queries_constant": {
             "target": "queries per page the same at 1,000 and 100,000 conversations",
             "value": q,
@@ -283,6 +286,15 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
             "p50 <= 50 ms; queries constant",
             f"p50 {_met(t[f'pages_{key}']['met'])}; queries {_met(t['pages_queries_constant']['met'])}",
         ))
+    p = _get(doc, "pages", "reports") or {}
+    out.append((
+        "Reports page over 30 days (100k conversations, 12.5k takeovers): p50 / p99, queries",
+        f"{_fmt(p.get('p50_ms'))} / {_fmt(p.get('p99_ms'))} ms, {_fmt(p.get('queries'))} queries "
+        f"(1k conversations: {_fmt(p.get('p50_ms_small'))} ms, {_fmt(p.get('queries_small'))} queries)"
+        + _contended_mark(doc, "pages"),
+        "p50 <= 150 ms; queries constant",
+        f"p50 {_met(t['pages_reports']['met'])}; queries {_met(t['pages_queries_constant']['met'])}",
+    ))
     m = doc.get("memory") or {}
     out.append((
         "Memory: one Daphne, 1,000 idle sockets",
