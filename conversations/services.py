@@ -669,16 +669,6 @@ def call_say(*, call: Call, operator: AbstractBaseUser, text: str) -> Command:
     )
 
 
-@_audits_refusals(AuditEntry.Action.CALL_HANGUP)
-def call_hang_up(*, call: Call, operator: AbstractBaseUser) -> Command:
-    """Queue hanging up the call (supervisors)."""
-    _require(operator, PAUSE_WIDE_PERMISSION)
-    call = _call_live(call)
-    return _call_enqueue(
-        call=call, operator=operator, kind=Command.Kind.HANGUP, audit_action=AuditEntry.Action.CALL_HANGUP
-    )
-
-
 def _is_phone_ref(value: str) -> bool:
     return bool(re.fullmatch(r"\+[1-9][0-9]{6,14}", value) or re.fullmatch(r"sip:[^\s@]+@[^\s@]+", value))
 
@@ -711,36 +701,24 @@ def call_forward_to_me(*, call: Call, operator: AbstractBaseUser) -> Command:
     )
 
 
-# (command kind, audit action) for the supervisor's switches on a live call.
-CALL_SWITCHES = {
-    ("hold", True): (Command.Kind.HOLD, AuditEntry.Action.CALL_HOLD),
-    ("hold", False): (Command.Kind.UNHOLD, AuditEntry.Action.CALL_UNHOLD),
-    ("mute", True): (Command.Kind.MUTE, AuditEntry.Action.CALL_MUTE),
-    ("mute", False): (Command.Kind.UNMUTE, AuditEntry.Action.CALL_UNMUTE),
+# A supervisor's commands on a live call that carry nothing but the call, and what each audits.
+SUPERVISOR_CALL_COMMANDS = {
+    Command.Kind.HANGUP: AuditEntry.Action.CALL_HANGUP,
+    Command.Kind.STOP: AuditEntry.Action.CALL_STOP,  # `bot.cancel`: the AI's current speech
+    Command.Kind.HOLD: AuditEntry.Action.CALL_HOLD,
+    Command.Kind.UNHOLD: AuditEntry.Action.CALL_UNHOLD,
+    Command.Kind.MUTE: AuditEntry.Action.CALL_MUTE,
+    Command.Kind.UNMUTE: AuditEntry.Action.CALL_UNMUTE,
 }
 
 
-def _call_switch_action(*, switch: str, on: bool, **_) -> str:
-    return CALL_SWITCHES[(switch, on)][1]
-
-
-@_audits_refusals(_call_switch_action)
-def call_switch(*, call: Call, operator: AbstractBaseUser, switch: str, on: bool) -> Command:
-    """Queue hold/unhold ("hold") or mute/unmute the caller ("mute") (supervisors)."""
-    kind, action = CALL_SWITCHES[(switch, on)]
+@_audits_refusals(lambda *, kind, **_: SUPERVISOR_CALL_COMMANDS[kind])
+def call_supervise(*, call: Call, operator: AbstractBaseUser, kind: str) -> Command:
+    """Queue hanging up, stopping the AI's speech, hold/unhold or mute/unmute (supervisors)."""
+    audit_action = SUPERVISOR_CALL_COMMANDS[kind]
     _require(operator, PAUSE_WIDE_PERMISSION)
     call = _call_live(call)
-    return _call_enqueue(call=call, operator=operator, kind=kind, audit_action=action)
-
-
-@_audits_refusals(AuditEntry.Action.CALL_STOP)
-def call_stop_speech(*, call: Call, operator: AbstractBaseUser) -> Command:
-    """Queue stopping what the AI is saying now (`bot.cancel`) (supervisors)."""
-    _require(operator, PAUSE_WIDE_PERMISSION)
-    call = _call_live(call)
-    return _call_enqueue(
-        call=call, operator=operator, kind=Command.Kind.STOP, audit_action=AuditEntry.Action.CALL_STOP
-    )
+    return _call_enqueue(call=call, operator=operator, kind=kind, audit_action=audit_action)
 
 
 @transaction.atomic

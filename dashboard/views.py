@@ -455,6 +455,7 @@ def call_detail(request: HttpRequest, pk: int) -> HttpResponse:
         {
             "call": call,
             "lines": selectors.call_lines(call),
+            "my_phone": selectors.operator_phone(request.user),
             "live_since": since,
             "live_url": _live_url(since=since, call_id=call.pk),
         },
@@ -483,12 +484,51 @@ def call_say(request: HttpRequest, pk: int) -> HttpResponse:
     )
 
 
+# What the toast says once a supervisor's command is queued; the page follows when Pinecall confirms.
+CALL_COMMAND_QUEUED = {
+    "hangup": "Hanging up…",
+    "stop": "Stopping the AI's speech…",
+    "hold": "Putting the caller on hold…",
+    "unhold": "Taking the caller off hold…",
+    "mute": "Muting the caller…",
+    "unmute": "Unmuting the caller…",
+}
+
+
 @login_required
 @require_POST
-def call_hang_up(request: HttpRequest, pk: int) -> HttpResponse:
+def call_supervise(request: HttpRequest, pk: int, kind: str) -> HttpResponse:
+    """Hang up, stop the AI's speech, hold / unhold, mute / unmute (`kind` from the URL)."""
     return _call_action(
-        request, pk, lambda call: services.call_hang_up(call=call, operator=request.user), "Hanging up…"
+        request, pk,
+        lambda call: services.call_supervise(call=call, operator=request.user, kind=kind),
+        CALL_COMMAND_QUEUED[kind],
     )
+
+
+@login_required
+@require_POST
+def call_forward_to_me(request: HttpRequest, pk: int) -> HttpResponse:
+    return _call_action(
+        request, pk, lambda call: services.call_forward_to_me(call=call, operator=request.user),
+        "Forwarding the call to your phone…",
+    )
+
+
+@login_required
+@require_POST
+def my_phone(request: HttpRequest) -> HttpResponse:
+    """The phone this person's calls are forwarded to (set on a call's page)."""
+    try:
+        profile = services.operator_phone_set(user=request.user, phone=request.POST.get("phone", ""))
+    except REFUSALS as exc:
+        status, message = _refusal(exc)
+        return HttpResponse(_toast(message, "error"), status=status)
+    call = selectors.call_find(int(request.POST["call"])) if request.POST.get("call", "").isdigit() else None
+    html = render_to_string(
+        "calls/_my_phone.html", {"my_phone": profile.phone, "call": call, "oob": True}, request=request
+    )
+    return HttpResponse(html + _toast("Your phone is saved." if profile.phone else "Your phone is cleared.", "ok"))
 
 
 @login_required

@@ -132,7 +132,7 @@ async def test_hang_up_ends_the_call(sim, worker, supervisor):
     from conversations.models import Command
 
     call = await live_call(sim)
-    command = await db(services.call_hang_up)(call=call, operator=supervisor)
+    command = await db(services.call_supervise)(call=call, operator=supervisor, kind="hangup")
     await eventually(lambda: Command.objects.get(pk=command.pk).status == "confirmed")
     done = await eventually(lambda: ended(call.call_id))
     assert done.end_reason == "client_hangup"
@@ -155,20 +155,20 @@ async def test_hold_and_mute_as_documented_and_what_the_caller_said_while_muted(
     from conversations.models import Command
 
     call = await live_call(sim)
-    hold = await db(services.call_switch)(call=call, operator=supervisor, switch="hold", on=True)
+    hold = await db(services.call_supervise)(call=call, operator=supervisor, kind="hold")
     assert await sim.wait_for("call.hold", call_id=call.call_id) == {"event": "call.hold", "call_id": call.call_id}
     await eventually(lambda: Command.objects.get(pk=hold.pk).status == "confirmed")
     await eventually(lambda: Call.objects.get(pk=call.pk).on_hold)
-    await db(services.call_switch)(call=call, operator=supervisor, switch="hold", on=False)
+    await db(services.call_supervise)(call=call, operator=supervisor, kind="unhold")
     await sim.wait_for("call.unhold", call_id=call.call_id)
     await eventually(lambda: not Call.objects.get(pk=call.pk).on_hold)
 
-    mute = await db(services.call_switch)(call=call, operator=supervisor, switch="mute", on=True)
+    mute = await db(services.call_supervise)(call=call, operator=supervisor, kind="mute")
     assert await sim.wait_for("call.mute", call_id=call.call_id) == {"event": "call.mute", "call_id": call.call_id}
     await eventually(lambda: Command.objects.get(pk=mute.pk).status == "confirmed")
     assert (await db(Call.objects.get)(pk=call.pk)).caller_muted
     await sim.caller_says(call.call_id, "This is between us")
-    await db(services.call_switch)(call=call, operator=supervisor, switch="mute", on=False)
+    await db(services.call_supervise)(call=call, operator=supervisor, kind="unmute")
     await sim.wait_for("call.unmute", call_id=call.call_id)
     await eventually(lambda: not Call.objects.get(pk=call.pk).caller_muted)
     heard = await eventually(
@@ -188,7 +188,7 @@ async def test_stop_speaking_cancels_the_line_being_said(sim, worker, supervisor
     call_id = await sim.place_call(to=NUMBER, script=["Tell me everything about my order please"])
     await sim.wait_sent("bot.word", call_id=call_id)
     call = await eventually(lambda: Call.objects.filter(call_id=call_id).first())
-    command = await db(services.call_stop_speech)(call=call, operator=supervisor)
+    command = await db(services.call_supervise)(call=call, operator=supervisor, kind="stop")
     assert await sim.wait_for("bot.cancel", call_id=call_id) == {"event": "bot.cancel", "call_id": call_id}
     await eventually(lambda: Command.objects.get(pk=command.pk).status == "confirmed")
     await eventually(lambda: CallUtterance.objects.filter(call=call, speaker="ai", interrupted=True).exists())
