@@ -21,7 +21,7 @@ from django.db.models.functions import Trunc
 from django.utils import timezone
 
 from conversations.models import AuditEntry, Command, Conversation, Message, Takeover
-from conversations.permissions import can_pause_wide, can_take_over
+from conversations.permissions import can_pause_wide, can_take_over, display_name
 
 # The longest range a report covers (a year and a day: a leap year's range fits).
 MAX_RANGE_DAYS = 366
@@ -258,7 +258,7 @@ def report(period: Range, *, operator_id: int | None = None) -> Report:
     operators += [
         Figures(failed=n, operator=users[pk]) for pk, n in failed.items() if pk in users and pk not in seen
     ]
-    operators.sort(key=lambda f: (f.operator.get_full_name() or f.operator.get_username()).casefold())
+    operators.sort(key=lambda f: display_name(f.operator).casefold())
 
     series = _series(period, episodes, with_conversations=operator_id is None)
     conversations = ai_alone = None
