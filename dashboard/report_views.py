@@ -103,7 +103,7 @@ def _charts(report: reports.Report) -> dict:
         "timeline_chart": timeline,
         "timeline_keys": keys,
         "timeline_rows": [
-            {"label": label, "values": [p[key] for key, _ in keys], "hrefs": [s.hrefs[i] for s in series]}
+            {"label": label, "cells": [(p[key], s.hrefs[i]) for (key, _), s in zip(keys, series)]}
             for i, (label, p) in enumerate(zip(labels, points))
         ],
         "wait_chart": histogram,
