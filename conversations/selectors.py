@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
@@ -27,6 +27,7 @@ from conversations.models import (
     ContactPause,
     Conversation,
     Message,
+    OperatorProfile,
     WorkerProcess,
 )
 
@@ -515,11 +516,26 @@ CALLS_ENDED_SHOWN = 50
 
 
 def calls_live() -> list[Call]:
-    return list(Call.objects.filter(state=Call.State.LIVE).order_by("-started_at", "-id"))
+    # A caller who asked for a person first (the longest waiting), then the newest calls.
+    return list(
+        Call.objects.filter(state=Call.State.LIVE).order_by(
+            F("needs_human_since").asc(nulls_last=True), "-started_at", "-id"
+        )
+    )
+
+
+def calls_asking_for_a_person() -> int:
+    """Live calls whose caller asked for a person: the Calls tab's badge and its alerts."""
+    return Call.objects.filter(state=Call.State.LIVE, needs_human_since__isnull=False).count()
 
 
 def calls_ended(limit: int = CALLS_ENDED_SHOWN) -> list[Call]:
     return list(Call.objects.filter(state=Call.State.ENDED).order_by("-ended_at", "-id")[:limit])
+
+
+def operator_phone(user: AbstractBaseUser) -> str:
+    """Where 'Forward to my phone' sends a call ("" : not set)."""
+    return OperatorProfile.objects.filter(user=user).values_list("phone", flat=True).first() or ""
 
 
 def call_find(pk: int) -> Call | None:

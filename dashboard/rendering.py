@@ -125,6 +125,11 @@ def call_changed(call) -> None:
     call = selectors.call_find(call.pk) or call
     notify.send_html(notify.call_group(call.call_id), render_call_header(call))
     notify.send_html(notify.CALLS_GROUP, render_call_row(call))
+    # Every page's Calls tab (its badge raises the handoff alerts when a caller asks for a person).
+    notify.send_html(
+        OPERATORS_GROUP,
+        render_to_string("calls/_calls_waiting.html", {"waiting": selectors.calls_asking_for_a_person(), "oob": True}),
+    )
 
 
 def call_line_added(line) -> None:
