@@ -1,15 +1,15 @@
 """1. Fan-out: a customer's message until its rendered fragment is on N operators' sockets.
 
 The real path: simulator -> worker (ingest, one transaction) -> on commit the
-fragment is rendered and group_sent -> Redis -> Daphne -> N WebSockets.
+fragment is rendered and sent (`notify`) -> Redis -> Daphne -> N WebSockets.
 The floor, measured in the same run against the same N sockets: a bare
-`channel_layer.group_send` from the harness of a fragment of the same size
-(the real one, with its token swapped) -> Redis -> Daphne -> N WebSockets.
+`notify.group_send` from the harness of a fragment of the same size (the real
+one, with its token swapped) -> Redis -> Daphne's consumers -> N WebSockets.
 
 The transport floor, same sockets, same clock: the harness PUBLISHes the same
 fragment once on Redis pub/sub; each Daphne process writes it to its own sockets
 of the conversation in memory (bench/floor_asgi.py): the best transport one can
-build on Redis, so the table shows what the channel layer costs and what the
+build on Redis, so the table shows what our transport costs and what the
 application adds.
 
 Per sample the latency is the time until the fragment is on *all* N sockets
@@ -104,8 +104,6 @@ def _ingest_breakdown(walls: dict[str, float]) -> dict:
 
 
 async def run(h) -> dict:
-    from channels.layers import get_channel_layer
-
     from conversations.notify import conversation_group
 
     scale = h.scale
@@ -115,7 +113,6 @@ async def run(h) -> dict:
         operators = await orm(create_operators, max(SIZES), prefix="fan")
         first = await sim.customer_says(phone=PHONE, name="Fan Out", text="Hello, anyone there?")
         pk = await conversation_pk(first["session_id"])
-        layer = get_channel_layer()
         group = conversation_group(pk)
         marker = f'id="messages-{pk}"'
 
@@ -135,7 +132,7 @@ async def run(h) -> dict:
             async def real_send(tok):
                 await sim.customer_says(phone=PHONE, name="Fan Out", text=f"Probe {tok}")
 
-            senders = floor_senders(layer, group, pk)
+            senders = floor_senders(group, pk)
             kinds = await alternate(probe, n, {"real": real_send, **senders},
                                     count=count, warmup=WARMUP)
             stack.check_alive()
@@ -159,13 +156,18 @@ async def run(h) -> dict:
     return result
 
 
-def floor_senders(layer, group: str, pk: int) -> dict:
+def floor_senders(group: str, pk: int) -> dict:
     """The two floors' senders; each sends the real path's last fragment, its token swapped.
 
-    `floor`: a bare `group_send` through the channel layer the stack uses;
-    `transport_floor`: one Redis PUBLISH, fanned out by each Daphne process in memory.
+    `floor`: a bare send through the stack's own transport for fragments
+    (`notify.group_send`: the fan-out's PUBLISH, or the channel layer's group_send
+    with LIVE_FANOUT=layer), to the real consumers;
+    `transport_floor`: one Redis PUBLISH, written by each Daphne process in memory
+    (bench/floor_asgi.py), no consumer.
     """
     import redis.asyncio as aioredis
+
+    from conversations import notify
 
     redis = aioredis.Redis.from_url(config.REDIS_URL)
     fragment = {"text": "", "token": ""}
@@ -174,7 +176,7 @@ def floor_senders(layer, group: str, pk: int) -> dict:
         return fragment["text"].replace(fragment["token"], tok)
 
     async def floor_send(tok):
-        await layer.group_send(group, {"type": "live.html", "html": html(tok)})
+        await notify.group_send(group, {"type": "live.html", "html": html(tok)})
 
     async def transport_send(tok):
         await redis.publish(f"{config.FLOOR_PREFIX}{pk}", html(tok))

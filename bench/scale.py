@@ -37,8 +37,6 @@ async def worker_idle_cpu(stack, seconds: float = IDLE_SECONDS) -> float:
 
 
 async def run(h) -> dict:
-    from channels.layers import get_channel_layer
-
     from conversations.notify import conversation_group
 
     async with Stack("scale", h.logs, daphnes=DAPHNES, app=config.FLOOR_APP) as stack:
@@ -71,8 +69,7 @@ async def run(h) -> dict:
         async def real_send(tok):
             await sim.customer_says(phone=PHONE, name="Scale", text=f"Probe {tok}")
 
-        layer = get_channel_layer()
-        senders = fanout.floor_senders(layer, conversation_group(pk), pk)
+        senders = fanout.floor_senders(conversation_group(pk), pk)
         count = max(10, int(SAMPLES * h.scale))
         kinds = await fanout.alternate(probe, len(clients), {"real": real_send, **senders},
                                        count=count, warmup=WARMUP)

@@ -16,15 +16,21 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
 import threading
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
+import redis
+import redis.asyncio as aioredis
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
 
 logger = logging.getLogger(__name__)
@@ -232,13 +238,25 @@ def send(group: str, message: dict) -> None:
     if _sender is not None:
         _sender(group, message)
         return
-    layer = get_channel_layer()
-    if layer is None:
-        return
     try:
-        async_to_sync(layer.group_send)(group, message)
+        if _published(message):
+            _sync_redis().publish(fanout_channel(group), message["html"])
+            return
+        layer = get_channel_layer()
+        if layer is not None:
+            async_to_sync(layer.group_send)(group, message)
     except Exception:  # Redis down: the database is the record, browsers catch up
         logger.warning("could not notify group %s", group, exc_info=True)
+
+
+async def group_send(group: str, message: dict) -> None:
+    """`send` from an event loop (the worker's broadcasts, a consumer's own fragments)."""
+    if _published(message):
+        await _async_redis().publish(fanout_channel(group), message["html"])
+        return
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(group, message)
 
 
 def user_sessions_revoked(user_pk: int, *, session_key: str | None = None) -> None:
@@ -259,3 +277,60 @@ def wake_worker() -> None:
         async_to_sync(layer.send)(WORKER_CHANNEL, {"type": "outbox.wake"})
     except Exception:
         logger.warning("could not wake the worker; it will find the command on its next poll")
+
+
+# ---------------------------------------------------------------- the fan-out of fragments
+#
+# With Redis, a rendered fragment for a group is one PUBLISH: every web process
+# receives it once and writes it to its own sockets of that group
+# (`dashboard.fanout`). The channel layer would store a copy per socket, each
+# popped by its process in a Redis round trip of its own: at 100 sockets, most of
+# the time to their screens. The rules stay: at most once; the database is the
+# record, and a page that reconnects catches up. Everything else (per-viewer
+# renders, closing a socket, waking the worker) stays on the channel layer.
+
+
+def fanout_enabled() -> bool:
+    """Where the channel layer is on Redis: the fan-out shares its server."""
+    backend = (settings.CHANNEL_LAYERS.get("default") or {}).get("BACKEND", "")
+    return settings.LIVE_FANOUT == "pubsub" and bool(settings.REDIS_URL) and backend.startswith("channels_redis.")
+
+
+def _published(message: dict) -> bool:
+    return message.get("type") == "live.html" and fanout_enabled()
+
+
+def fanout_prefix() -> str:
+    """Pub/sub channels ignore Redis's numbered databases: the db number keeps two
+    deployments (or test runs) on one server apart."""
+    db = (urlsplit(settings.REDIS_URL).path or "/0").strip("/") or "0"
+    return f"live:{db}:"
+
+
+def fanout_channel(group: str) -> str:
+    return fanout_prefix() + group
+
+
+# Made on first use, for the configured URL (tests point it elsewhere).
+_sync_client: tuple[str, redis.Redis] | None = None
+_async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sync_redis() -> redis.Redis:
+    global _sync_client
+    url = settings.REDIS_URL
+    if _sync_client is None or _sync_client[0] != url:
+        _sync_client = (url, redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0))
+    return _sync_client[1]
+
+
+def _async_redis() -> aioredis.Redis:
+    """One client per event loop (a client's connections belong to the loop that made them)."""
+    loop = asyncio.get_running_loop()
+    url = settings.REDIS_URL
+    made = _async_clients.get(loop)
+    if made is None or made[0] != url:
+        made = _async_clients[loop] = (
+            url, aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        )
+    return made[1]

@@ -36,7 +36,6 @@ from pathlib import Path
 
 from asgiref.sync import sync_to_async
 from channels.consumer import AsyncConsumer
-from channels.layers import get_channel_layer
 from channels.routing import ChannelNameRouter
 from channels.worker import Worker
 from django.conf import settings
@@ -842,11 +841,10 @@ class PinecallBridge:
 
     async def _send_broadcasts(self) -> None:
         """Operators' fragments, sent in the order they were made, without blocking storing."""
-        layer = get_channel_layer()
         while True:
             group, message = await self._broadcasts.get()
             try:
-                await layer.group_send(group, message)
+                await notify.group_send(group, message)
             except Exception as error:  # Redis down: browsers catch up from the database
                 logger.warning("could not notify group %s: %s", group, error)
 

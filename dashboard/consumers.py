@@ -29,14 +29,16 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 
 from conversations import metrics, notify, presence, selectors
 from conversations.permissions import TAKE_OVER_PERMISSION
-from dashboard import rendering
+from dashboard import fanout, rendering
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ MAX_FRAME = 256
 TYPING_EVERY = 2.0
 # A page that closed is told to the others this long after its consumer stopped.
 LEAVE_TOLD_AFTER = 0.5
+# Who has a conversation open is told at most this often per process, however many
+# of its pages open meanwhile: 1,000 operators opening one conversation would
+# otherwise send each a bar per arrival (a million frames).
+PRESENCE_TOLD_AFTER = 0.25
 
 
 def _param(params: dict, name: str, kind):
@@ -84,6 +90,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
             self.groups_joined.append(notify.CALLS_GROUP)
         for group in self.groups_joined:
             await self.channel_layer.group_add(group, self.channel_name)
+        # Fragments published from here on wait until the catch-up is sent (its order).
+        self.held: list[str] | None = []
+        await fanout.join(self.groups_joined, self)
         await self.accept()
         self.counted = True
         metrics.LIVE_SOCKETS.inc()
@@ -100,6 +109,9 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if call is not None:
             for html in await database_sync_to_async(rendering.call_catch_up)(call.pk):
                 await self.send(text_data=html)
+        while self.held:
+            await self.send(text_data=self.held.pop(0))
+        self.held = None
         if conversation_id:
             self.can_type = await database_sync_to_async(user.has_perm)(TAKE_OVER_PERMISSION)
             self.typed_at = 0.0
@@ -111,6 +123,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if getattr(self, "counted", False):
             self.counted = False
             metrics.LIVE_SOCKETS.dec()
+        fanout.leave(getattr(self, "groups_joined", []), self)
         for group in getattr(self, "groups_joined", []):
             await self.channel_layer.group_discard(group, self.channel_name)
         renewal = getattr(self, "presence_renewal", None)
@@ -121,9 +134,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
             # Told from outside this consumer, a moment after it stopped: channels-redis
             # can drop a message that arrives just as a stopping consumer's receive is
             # cancelled (django/channels#1683), and this one would arrive right then.
-            asyncio.get_running_loop().call_later(
-                LEAVE_TOLD_AFTER, lambda: asyncio.ensure_future(self._tell_presence_quietly())
-            )
+            _tell_presence_soon(self.conversation_id, after=LEAVE_TOLD_AFTER, not_before=True)
 
     async def receive(self, text_data=None, bytes_data=None):
         """Actions are HTTP POSTs; a page only says that its operator is typing."""
@@ -148,22 +159,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     async def _presence_here(self) -> None:
         await database_sync_to_async(presence.here)(self.conversation_id, self.user.pk, self.channel_name)
-        await self._tell_presence()
-
-    async def _tell_presence(self) -> None:
-        """Who has the conversation open now: to its viewers, and as the inbox row's mark."""
-        viewers, bar, mark = await database_sync_to_async(rendering.render_presence)(self.conversation_id)
-        await self.channel_layer.group_send(
-            notify.conversation_group(self.conversation_id),
-            {"type": "live.presence", "html": bar, "viewers": viewers},
-        )
-        await self.channel_layer.group_send(notify.OPERATORS_GROUP, {"type": "live.html", "html": mark})
-
-    async def _tell_presence_quietly(self) -> None:
-        try:
-            await self._tell_presence()
-        except Exception:  # Redis or the database away: the next change tells it
-            logger.warning("could not tell who has conversation %s open", self.conversation_id, exc_info=True)
+        _tell_presence_soon(self.conversation_id, after=PRESENCE_TOLD_AFTER)
 
     async def _renew_presence(self) -> None:
         """Stay "viewing"; and when someone's page vanished without closing (its process
@@ -176,7 +172,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
                 )
                 now = await database_sync_to_async(presence.viewers)(self.conversation_id)
                 if self.viewers_shown is not None and sorted(now) != sorted(self.viewers_shown):
-                    await self._tell_presence()
+                    _tell_presence_soon(self.conversation_id, after=PRESENCE_TOLD_AFTER)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the socket stays; presence is a courtesy
@@ -191,6 +187,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
     async def live_html(self, event):
         await self.send(text_data=event["html"])
 
+    async def deliver(self, html: str) -> None:
+        """A fragment of one of this socket's groups, from this process's fan-out."""
+        if self.held is not None:
+            self.held.append(html)
+        else:
+            await self.send(text_data=html)
+
     async def conversation_state(self, event):
         """The conversation changed: this viewer's own header and composer."""
         html = await database_sync_to_async(rendering.conversation_state_for_viewer)(
@@ -204,3 +207,45 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if event.get("session_key") and event["session_key"] != self.session_key:
             return
         await self.close(code=4401)
+
+
+# ---------------------------------------------------------------- presence, told once per moment
+
+# event loop -> conversation id -> the pending tell (one per conversation and process)
+_presence_due: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tell_presence_soon(conversation_id: int, *, after: float, not_before: bool = False) -> None:
+    """Tell who has it open `after` seconds from now, with whatever else changes meanwhile.
+
+    A tell already pending covers this change; `not_before` pushes it back to at
+    least `after` from now (a page that just closed: see LEAVE_TOLD_AFTER).
+    """
+    loop = asyncio.get_running_loop()
+    due = _presence_due.setdefault(loop, {})
+    at = loop.time() + after
+    pending = due.get(conversation_id)
+    if pending is not None:
+        if not not_before or pending.when() >= at:
+            return
+        pending.cancel()
+
+    def tell():
+        due.pop(conversation_id, None)
+        asyncio.ensure_future(_tell_presence(conversation_id))
+
+    due[conversation_id] = loop.call_at(at, tell)
+
+
+async def _tell_presence(conversation_id: int) -> None:
+    """Who has the conversation open now: to its viewers, and as the inbox row's mark."""
+    try:
+        viewers, bar, mark = await database_sync_to_async(rendering.render_presence)(conversation_id)
+        layer = get_channel_layer()
+        await layer.group_send(
+            notify.conversation_group(conversation_id),
+            {"type": "live.presence", "html": bar, "viewers": viewers},
+        )
+        await layer.group_send(notify.OPERATORS_GROUP, {"type": "live.html", "html": mark})
+    except Exception:  # Redis or the database away: the next change tells it
+        logger.warning("could not tell who has conversation %s open", conversation_id, exc_info=True)

@@ -147,6 +147,10 @@ if REDIS_URL:
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# How rendered fragments reach the sockets with Redis: "pubsub", one PUBLISH that each
+# web process fans out to its own sockets (`dashboard.fanout`); "layer", the channel
+# layer's copy per socket (kept to compare, bench/variants/layer_fanout.py).
+LIVE_FANOUT = env.str("LIVE_FANOUT", default="pubsub")
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

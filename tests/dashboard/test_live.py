@@ -173,3 +173,25 @@ class TestCatchUp:
         assert f'id="conv-header-{conversation.pk}" data-holder="me"' in out
         assert "You hold this conversation" in out
         assert f'id="composer-text-{conversation.pk}"' in out
+
+
+def test_a_crowded_conversation_names_nine_viewers_and_counts_the_rest(settings):
+    """1,000 operators on one conversation: the bar and the row's mark stay small."""
+    from conversations import presence
+
+    settings.REDIS_URL = ""
+    presence.reset_backend()
+    conversation = ConversationFactory()
+    people = [OperatorFactory(first_name=f"Op{i:02d}", last_name="Here") for i in range(12)]
+    for person in people:
+        presence.here(conversation.pk, person.pk, f"socket-{person.pk}")
+    try:
+        pks, bar, mark = rendering.render_presence(conversation.pk)
+    finally:
+        presence.clear()
+        presence.reset_backend()
+    assert pks == sorted(p.pk for p in people)
+    assert bar.count('class="presence-person"') == 9 and "and 3 more" in bar
+    assert "Op08 Here" in bar and "Op09 Here" not in bar
+    first, second = sorted(p.pk for p in people)[:2]
+    assert f'data-viewers="{first} {second}"' in mark and "and 3 more" in mark
