@@ -288,7 +288,7 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
         ))
     p = _get(doc, "pages", "reports") or {}
     out.append((
-        "Reports page over 30 days (100k conversations, 12.5k takeovers): p50 / p99, queries",
+        "Reports page over 30 days (100k conversations, 17.5k takeover episodes): p50 / p99, queries",
         f"{_fmt(p.get('p50_ms'))} / {_fmt(p.get('p99_ms'))} ms, {_fmt(p.get('queries'))} queries "
         f"(1k conversations: {_fmt(p.get('p50_ms_small'))} ms, {_fmt(p.get('queries_small'))} queries)"
         + _contended_mark(doc, "pages"),
