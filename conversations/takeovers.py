@@ -33,6 +33,12 @@ def _open(conversation: Conversation) -> Takeover | None:
     )
 
 
+def _theirs(conversation: Conversation, operator_id: int) -> Takeover | None:
+    """The open episode, if `operator_id` is the one who took it."""
+    takeover = _open(conversation)
+    return takeover if takeover is not None and takeover.taken_by_id == operator_id else None
+
+
 def _close(takeover: Takeover, *, end: str, at: datetime) -> None:
     takeover.ended_at = at
     takeover.end = end
@@ -76,8 +82,8 @@ def claimed(conversation: Conversation, *, operator, at: datetime) -> Takeover:
 
 def taken(conversation: Conversation, *, operator_id: int, at: datetime) -> None:
     """Pinecall confirmed the pause that `operator_id` asked for: they hold it now."""
-    takeover = _open(conversation)
-    if takeover is None or takeover.taken_by_id != operator_id or takeover.taken_at is not None:
+    takeover = _theirs(conversation, operator_id)
+    if takeover is None or takeover.taken_at is not None:
         return
     takeover.taken_at = at
     takeover.wait_seconds = _seconds(takeover.needs_human_at, at)
@@ -88,8 +94,8 @@ def taken(conversation: Conversation, *, operator_id: int, at: datetime) -> None
 
 def replied(conversation: Conversation, *, operator_id: int, at: datetime) -> None:
     """The holder's message: the first one of the episode is the first human response."""
-    takeover = _open(conversation)
-    if takeover is None or takeover.taken_by_id != operator_id or takeover.first_reply_at is not None:
+    takeover = _theirs(conversation, operator_id)
+    if takeover is None or takeover.first_reply_at is not None:
         return
     takeover.first_reply_at = at
     takeover.reply_seconds = _seconds(takeover.taken_at, at)
