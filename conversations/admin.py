@@ -23,6 +23,7 @@ from conversations.models import (
     Message,
     Note,
     OperatorProfile,
+    Takeover,
     WorkerProcess,
 )
 
@@ -205,6 +206,24 @@ class AuditEntryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # the trail is kept
+
+
+@admin.register(Takeover)
+class TakeoverAdmin(admin.ModelAdmin):
+    """The takeover episodes the reports count, as the services wrote them (read only)."""
+
+    list_display = ["started_at", "conversation", "taken_by", "wait_seconds", "reply_seconds",
+                    "handling_seconds", "end"]
+    list_filter = ["end", "needs_human_reason", "taken_by", "agent_id"]
+    search_fields = ["conversation__contact_phone", "conversation__contact_name"]
+    list_select_related = ["conversation", "taken_by"]
+    date_hierarchy = "started_at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(ContactPause)

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from conversations import reports, services
+from conversations import ingest, reports, services
 from conversations.models import Command, Takeover
 from tests.factories import ConversationFactory, OperatorFactory
 
@@ -200,3 +200,19 @@ def test_hourly_buckets_for_short_ranges():
     day = timezone.localdate()
     assert len(reports.Range(first=day, last=day).buckets()) in (23, 24, 25)
     assert len(reports.Range(first=day - timedelta(days=6), last=day).buckets()) == 7
+
+
+def test_a_customer_asking_for_a_person_starts_an_episode_at_ingest():
+    ingest.ingest_customer_message(
+        agent_id="support", session_id="s-ask", contact_phone="34600000999", message_id="wamid.ask",
+        text="Can I talk to a real person please?",
+    )
+    episode = Takeover.objects.get(conversation__session_id="s-ask")
+    assert (episode.needs_human_reason, episode.taken_by, episode.end) == ("asked", None, "")
+    assert episode.needs_human_at == episode.conversation.needs_human_since
+
+
+def test_the_admin_lists_episodes(admin_client, operator, conversation):
+    services.conversation_take_over(conversation=conversation, operator=operator)
+    response = admin_client.get("/admin/conversations/takeover/")
+    assert response.status_code == 200 and str(conversation) in response.content.decode()
