@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from bench import config, db, load, procs
 
-SECTIONS = ("fanout", "round_trip", "ingest", "pages", "memory", "scale", "faults")
+SECTIONS = ("fanout", "round_trip", "ingest", "pages", "memory", "scale", "captions", "faults")
 
 
 class Harness:
@@ -89,7 +89,7 @@ def _on_signal(signum, frame):
 
 
 async def _run_sections(h: Harness, sections: list[str]) -> dict:
-    from bench import fanout, faults, ingest, memory, pages, round_trip, scale
+    from bench import captions, fanout, faults, ingest, memory, pages, round_trip, scale
 
     modules = {
         "fanout": fanout,
@@ -98,6 +98,7 @@ async def _run_sections(h: Harness, sections: list[str]) -> dict:
         "pages": pages,
         "memory": memory,
         "scale": scale,
+        "captions": captions,
         "faults": faults,
     }
     results: dict = {}
@@ -159,6 +160,7 @@ _HEADLINE = {
     "pages": ("inbox", "p50_ms"),
     "memory": ("kb_per_socket",),
     "scale": ("p99_ms",),
+    "captions": ("10", "p99_ms"),
 }
 
 

@@ -188,7 +188,7 @@ def document(results: dict, *, sections: list[str], quick: bool, machine_info=No
             detail = {**detail, "changed_during_run": now_info[1]}
     doc = {"at": now, "machine": text}
     measured_at = dict(_get(previous, "run", "measured_at") or {})
-    for name in ("fanout", "ingest", "round_trip", "pages", "memory", "scale", "faults"):
+    for name in ("fanout", "ingest", "round_trip", "pages", "memory", "scale", "captions", "faults"):
         if name in results:
             doc[name] = results[name]
             measured_at[name] = now + (" (quick)" if quick else "")
@@ -303,6 +303,17 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
         "<= 100 KB per socket",
         _met(t["memory"]["met"]),
     ))
+    for n in ("1", "10"):
+        c = _get(doc, "captions", n)
+        out.append((
+            f"Captions: a call's bot.word until on {n} watching operator{'s' if n != '1' else ''}: "
+            "p50 / p95 / p99",
+            (_live_figures(c) + f"; {_fmt(c.get('words'))} words, lost {_fmt(_get(c, 'lost', 'real'))}"
+             + _contended_mark(doc, "captions")) if isinstance(c, dict) and "p50_ms" in c
+            else (_get(doc, "captions", "error") or "not measured"),
+            "measured (no target set)",
+            "",
+        ))
     cut, kill = _get(doc, "faults", "pg_cut") or {}, _get(doc, "faults", "kill9") or {}
     failover = _get(doc, "faults", "failover") or {}
     out.append((
@@ -443,7 +454,7 @@ def readme(doc: dict) -> str:
     contended = [
         f"{name} (other processes used {_get(doc, name, 'load', 'cores_used', 'others')} cores: "
         f"{', '.join(_get(doc, name, 'load', 'others_top') or {})})"
-        for name in ("fanout", "round_trip", "ingest", "pages", "memory", "scale", "faults")
+        for name in ("fanout", "round_trip", "ingest", "pages", "memory", "scale", "captions", "faults")
         if _get(doc, name, "load", "contended")
     ]
     if contended:
