@@ -34,7 +34,6 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from channels.layers import get_channel_layer
 
 from conversations import metrics, notify, presence, selectors
 from conversations.permissions import TAKE_OVER_PERMISSION
@@ -48,10 +47,12 @@ MAX_FRAME = 256
 TYPING_EVERY = 2.0
 # A page that closed is told to the others this long after its consumer stopped.
 LEAVE_TOLD_AFTER = 0.5
-# Who has a conversation open is told at most this often per process, however many
-# of its pages open meanwhile: 1,000 operators opening one conversation would
-# otherwise send each a bar per arrival (a million frames).
+# Who has a conversation open is told this long after a change, with whatever else
+# changed meanwhile, and at most once per PRESENCE_TOLD_EVERY by one process for all:
+# 1,000 operators opening one conversation would otherwise send each a bar per
+# arrival (a million frames).
 PRESENCE_TOLD_AFTER = 0.25
+PRESENCE_TOLD_EVERY = 1.0
 
 
 def _param(params: dict, name: str, kind):
@@ -115,7 +116,6 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if conversation_id:
             self.can_type = await database_sync_to_async(user.has_perm)(TAKE_OVER_PERMISSION)
             self.typed_at = 0.0
-            self.viewers_shown: list[int] | None = None
             await self._presence_here()
             self.presence_renewal = asyncio.ensure_future(self._renew_presence())
 
@@ -171,16 +171,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
                     self.conversation_id, self.user.pk, self.channel_name
                 )
                 now = await database_sync_to_async(presence.viewers)(self.conversation_id)
-                if self.viewers_shown is not None and sorted(now) != sorted(self.viewers_shown):
+                told = _viewers_told.get(self.conversation_id)
+                if told is not None and sorted(now) != told:
                     _tell_presence_soon(self.conversation_id, after=PRESENCE_TOLD_AFTER)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the socket stays; presence is a courtesy
                 continue
-
-    async def live_presence(self, event):
-        self.viewers_shown = event.get("viewers") or []
-        await self.send(text_data=event["html"])
 
     # ------------------------------------------------------------ from the groups
 
@@ -213,6 +210,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
 # event loop -> conversation id -> the pending tell (one per conversation and process)
 _presence_due: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# conversation id -> the viewers this process told last (renewals compare with it)
+_viewers_told: dict[int, list[int]] = {}
 
 
 def _tell_presence_soon(conversation_id: int, *, after: float, not_before: bool = False) -> None:
@@ -238,14 +237,19 @@ def _tell_presence_soon(conversation_id: int, *, after: float, not_before: bool 
 
 
 async def _tell_presence(conversation_id: int) -> None:
-    """Who has the conversation open now: to its viewers, and as the inbox row's mark."""
+    """Who has the conversation open now: to its viewers, and as the inbox row's mark
+    (fragments like any other: one message per process through the fan-out)."""
     try:
+        wait = await database_sync_to_async(presence.claim_telling)(conversation_id, PRESENCE_TOLD_EVERY)
+        if wait > 0:  # told a moment ago (maybe by another process): again once it may
+            _tell_presence_soon(conversation_id, after=wait, not_before=True)
+            return
         viewers, bar, mark = await database_sync_to_async(rendering.render_presence)(conversation_id)
-        layer = get_channel_layer()
-        await layer.group_send(
-            notify.conversation_group(conversation_id),
-            {"type": "live.presence", "html": bar, "viewers": viewers},
-        )
-        await layer.group_send(notify.OPERATORS_GROUP, {"type": "live.html", "html": mark})
+        if viewers:
+            _viewers_told[conversation_id] = sorted(viewers)
+        else:
+            _viewers_told.pop(conversation_id, None)
+        await notify.group_send(notify.conversation_group(conversation_id), {"type": "live.html", "html": bar})
+        await notify.group_send(notify.OPERATORS_GROUP, {"type": "live.html", "html": mark})
     except Exception:  # Redis or the database away: the next change tells it
         logger.warning("could not tell who has conversation %s open", conversation_id, exc_info=True)

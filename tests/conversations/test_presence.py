@@ -65,3 +65,11 @@ def test_redis_away_means_nobody_viewing_not_an_error(settings):
         presence.gone(7, 1, "tab")
     finally:
         presence.reset_backend()
+
+
+def test_one_process_at_a_time_tells_a_conversations_presence(store):
+    """Every web process asks before telling: the first may, the others wait their turn."""
+    assert presence.claim_telling(7, 30.0) == 0.0
+    wait = presence.claim_telling(7, 30.0)
+    assert 0.0 < wait <= 30.0
+    assert presence.claim_telling(8, 30.0) == 0.0  # another conversation: its own turn
