@@ -23,6 +23,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from conversations import handoff, notify, selectors, takeovers
@@ -1056,8 +1057,15 @@ def handoff_tick(*, agent_id: str, now=None) -> dict:
     Run every second or so by the active worker; returns what it did (counts).
     """
     now = now or timezone.now()
-    policy = handoff_policy_get(agent_id)
     done = {"fallbacks": 0, "auto_hand_backs": 0, "warnings": 0}
+    # Every clock below runs on a held or an auto-paused conversation: while there is
+    # none (most seconds), one query is the whole tick (the idle worker's CPU).
+    timed = Conversation.objects.filter(agent_id=agent_id, state=Conversation.State.ACTIVE).filter(
+        Q(held_by__isnull=False) | Q(auto_paused=True, held_by__isnull=True)
+    )
+    if not timed.exists():
+        return done
+    policy = handoff_policy_get(agent_id)
     active = Conversation.objects.select_for_update(skip_locked=True).filter(
         agent_id=agent_id, state=Conversation.State.ACTIVE
     )

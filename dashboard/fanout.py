@@ -79,8 +79,8 @@ def _fanout() -> Fanout:
     loop = asyncio.get_running_loop()
     fanout = _by_loop.get(loop)
     if fanout is None:
-        for old in [l for l in _by_loop if l.is_closed()]:
-            del _by_loop[old]
+        for gone in [other for other in _by_loop if other.is_closed()]:
+            del _by_loop[gone]
         fanout = _by_loop[loop] = Fanout(loop)
     return fanout
 
