@@ -55,6 +55,96 @@ TITLES = {
 # Analysis per missed target, written from the profiles of real runs (figures: the
 # 2026-11-21 runs on this 2-core machine; the generated numbers above are the latest).
 MISSED: dict[str, str] = {
+    "fanout_n1": """
+**What was done.** Rendered fragments no longer travel through the channel layer
+(one list entry per socket, each popped by its Daphne process in a Redis round trip
+of its own): each is one PUBLISH, and every Daphne process writes it to its own
+sockets of the group in memory (`dashboard/fanout.py`, `conversations/notify.py`;
+`LIVE_FANOUT=layer` restores the old path, `bench/variants/layer_fanout.py`). Same
+rules: at most once, the database is the record, a reconnecting page catches up
+(a socket holds what is published during its catch-up and sends it after); a Redis
+restart re-subscribes with a growing pause (tested with a TCP proxy in
+`tests/dashboard/test_fanout.py`, and by hand with a redis-server of our own on
+port 6390: back 1.7 s after the restart). Measured back to back (2026-12-02, both
+runs contended alike, other processes ~1-2 cores): our transport's floor at N=1
+3.71 -> 1.41 ms p50; at N=100 36.3 -> 17.6 ms p50 and 150 -> 27 ms p99; the real
+path at N=100 p50 61.9 -> 56.9 ms and p99 183 -> 88 ms; three later runs 27-29.5 ms
+p50 and 39-46 ms p99 at N=100 (the layer's path had 57-62 ms p50 in the same hour). Our floor is now within
+1.1-1.2x of the transport floor (the best transport on Redis: one PUBLISH, written
+in memory, no consumer).
+
+**Where the time goes now:** what the application adds is the same ~16-18 ms at every
+N: the worker's path from the event to the commit (and, for the next sample, the
+inbox row's render after it: `with_viewers` reads every viewer's user row, 16 % of
+the worker at N=100; see Scale). For a one-message batch that is
+17 SQL statements (savepoints, the repeats check, the lock, the insert, the handoff
+policy, the inbox columns, four for the spool cursor, the commit), each a PostgreSQL
+round trip on a machine where PostgreSQL, Redis, Daphne, the worker and the harness
+share two cores, plus the hops from the worker's event loop to its ORM thread and
+back. The row is created 4.6 ms after the simulator sends (breakdown below); the
+profile of the worker (below) is mostly psycopg and the ORM.
+
+**What would close it:** fewer round trips before the commit: the spool cursor in one
+upsert and no savepoint for an empty run of session starts take it from 17 to 12
+statements (tried: no gain visible above this machine's noise, 17.2 vs 19.2 ms p50 at
+N=1 in the wrong direction, so not landed); the repeats check, lock, insert and
+update as one statement (a CTE); the store on the event loop with psycopg's async
+driver (no thread hops). The commit itself stays: every message is committed before
+a screen shows it, and on this machine that path alone is longer than 5 ms.
+""",
+    "fanout_n100": """
+See Fan-out at N=1: the transport at N=100 is now ~10-17 ms p50 (the transport
+floor ~9-14 ms: the harness reads 100 sockets in one Python process, and Daphne frames
+the fragment once per socket); the rest is the same constant worker path. Framing the
+fragment once per process and writing the same bytes to every socket would lower
+Daphne's share.
+""",
+    "scale": """
+**What was done.** The first run of this section could not open the sockets: every
+arriving viewer told every other viewer who was there, with a bar naming all of them
+(1,000 viewers: about a million frames, each up to ~100 KB), so Daphne's event loop
+fell behind and handshakes timed out at ~800 sockets. Now presence is told once per
+second per conversation, by one process for all (`presence.claim_telling`), through
+the fan-out, with nine names at most ("and 991 more"); and every fragment is one
+PUBLISH per process. 1,000 sockets open in ~33 s (20 at a time).
+
+**Where the time goes:** two runs, both contended: at 04:37 (others 1.95 cores) p50
+164 / p99 263 ms against a floor p99 of 236 ms and a transport floor p99 of 280 ms
+(1.1x); at 05:11 (others 3.05 cores) p50 104 / p99 277 ms against 108 and 78 ms (2.6x;
+p50 1.7x the floor). With 40 samples the p99 is the worst one or two, and on this
+machine those fell on moments when other processes held both cores. Most of the time
+is the delivery to 1,000 sockets itself: each Daphne frames and writes the fragment
+500 times (autobahn, in Python), and the harness reads 1,000 sockets in one Python
+process; the rest is the worker's constant path (see Fan-out). Profiles of both
+Daphnes and the worker are below.
+
+**What would close it:** in the worker's profile below half the time is
+`with_viewers` -> `conversation_viewers`: each inbox row it renders reads the user row
+of every viewer (1,000 here) for a mark that names nine: read nine (`presence` gives
+the pks; slice before the query). That runs after the message's fragment is out, but
+it holds the worker's ORM thread, so the next message waits. In Daphne the time is
+`Fanout._deliver` (autobahn's framing, per socket): frame once per process and write
+the same bytes to every socket. And measure with readers spread over several
+processes (the harness's single reader is part of the floor).
+""",
+    "scale_memory": """
+A conversation's socket costs more than an inbox socket (49-56 KB in two runs,
+against ~41 KB in the memory section): it holds its presence renewal task (asyncio task + its
+coroutine frames) and joins one more group. One renewal per process for all its
+sockets of a conversation (one ZADD pipeline every 15 s) would remove the per-socket
+task.
+""",
+    "worker_idle": """
+**What was done.** The handoff clock ran five queries every second (the policy and
+three locked scans); it now asks once whether anything is held or auto-paused and
+stops there: measured A/B/A in the same session, 0.9 / 1.9 / 1.1 % of a core (before:
+1.5-1.9 % in every run).
+
+**What is left:** the heartbeat (a row written and a fragment rendered every 5 s),
+the process row (every 5 s), the outbox poll (every 2 s: wake-ups come over the
+channel layer, so the poll is only the safety net and could be 10 s), the
+leadership check (`SELECT 1`).
+""",
     "ingest": """
 **What was done.** The first harness run stored 76.6 messages/s: one event per
 transaction, eight SQL round trips per message, and two renders plus two Redis
@@ -79,11 +169,23 @@ cores) and most of the rest is rendering one fragment per message (~0.4 ms each 
 Django templates), which the fan-out needs.
 
 **What would fix it:** render a message's fragment only for conversations somebody
-has open (the inbox row is enough for the others: ask the channel layer's group
-size, or keep a set of watched conversations in Redis), and give the worker a second
-storing thread for events of different conversations. Both are beyond this round.
+has open (the inbox row is enough for the others; ~0.4 ms a message, a fifth of the
+storing thread). `conversations/presence.py` knows who has a conversation open, but
+two things must hold first: a page must count as open *before* its catch-up reads
+the database (today presence is recorded after it, so a message committed in
+between would be neither caught up nor sent), and a presence store emptied by a
+Redis restart must read as "watched" until pages renew (else up to 15 s of
+fragments are dropped for pages whose sockets never closed). Then: one presence
+read per batch, and a second storing thread for events of different
+conversations. The ingest section was not re-measured this round.
 """,
     "round_trip_take_over": """
+Re-measured 2026-12-02 with the fan-out (others used 2.2 cores): take over p50 68 /
+p99 102 ms, send 53 / 78 ms: no change that this machine's noise lets one see (the
+POST's broadcasts are now a plain PUBLISH each instead of an event loop per
+group_send, but the POST and the confirmation are the time). The fixes below were
+not made this round.
+
 **What was done.** First run: p50 164 ms. Since then: a PostgreSQL connection pool
 (Daphne ran each request on a fresh thread, so every request opened a connection),
 broadcasts that no longer block the worker, the bridge kept by the process (a
@@ -157,14 +259,20 @@ harness's reader gets the frame.
    the customer writes a message carrying a unique token; the latency is the time
    until the rendered message fragment (`id="messages-<pk>"` + token) is on *all* N
    sockets (the last one). **The floor**: in the same run, against the same N
-   sockets, the harness itself calls `channel_layer.group_send(conversation_group(pk),
-   {"type": "live.html", "html": ...})` with the very fragment the real path rendered
-   (its token swapped, same size): Redis -> Daphne -> N sockets with nothing else.
-   The ratio real/floor is what the application adds (ingest transaction, render,
-   the inbox-row broadcast that follows). Real and floor samples alternate (200 each
-   for N=1 and 10, 100 for N=100, 10 warm-up samples discarded), with a pause after
-   each sample long enough for its trailing frames to drain. Per-socket latencies and
-   a breakdown (send -> `Message.created_at` in the worker) are in latest.json.
+   sockets, the harness itself sends the very fragment the real path rendered (its
+   token swapped, same size) through the product's own transport,
+   `notify.group_send(conversation_group(pk), {"type": "live.html", ...})` (the
+   fan-out's PUBLISH; the channel layer's group_send with `LIVE_FANOUT=layer`):
+   Redis -> Daphne's consumers -> N sockets with nothing else. **The transport
+   floor**: the same fragment PUBLISHed once on Redis; each Daphne process writes it
+   to its own sockets of the conversation in memory, no consumer, no layer (Daphne
+   serves `bench.floor_asgi:application`: the dashboard's application plus that tap):
+   the best transport one can build on Redis. The ratios real/floor are what the
+   application adds (ingest transaction, render, the inbox-row broadcast that
+   follows). Real and both floors' samples take turns (200 each for N=1 and 10, 100
+   for N=100, 10 warm-up samples discarded), with a pause after each sample long
+   enough for its trailing frames to drain. Per-socket latencies and a breakdown
+   (send -> `Message.created_at` in the worker) are in latest.json.
 2. **Ingest** — 10 operators' inbox sockets open; the simulator emits 10 rounds of one
    message from each of 1,000 contacts (1,000 `session_started` + 10,000 `message`
    events) as fast as it can; throughput = stored messages / (newest stored row's
@@ -203,4 +311,16 @@ harness's reader gets the frame.
    inbox sockets (20 at a time); per socket = delta / sockets open. Then 15 s idle:
    the sockets must stay open (latest.json: `open_after_idle`, close codes, and the
    errors Daphne logged).
+6. **Scale** — the fan-out's stack with two Daphne processes (each on its own port;
+   the sockets alternate between them, as behind a load balancer). First the worker's
+   CPU over 20 s idle (connected to Pinecall, nothing happening: utime + stime from
+   `/proc/<pid>/stat`, `worker_idle_cpu_percent`); then 1,000 operators open the same
+   conversation (the memory section's method over both processes: 10 sockets each
+   opened and closed, VmRSS before, the sockets opened 20 at a time, VmRSS after:
+   `kb_per_socket`); then 40 samples (5 warm-up) of the real path and both floors in
+   turn, each until the fragment is on all 1,000 sockets.
+
+A section that other processes disturbed (more than a fifth of a core) is run again,
+up to three runs in all (`--runs`), and the quietest is kept; latest.json's
+`load.runs` has each run's load and headline figure.
 """
