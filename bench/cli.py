@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         doc = json.loads(report.LATEST.read_text())
         doc["targets"] = report.targets(doc)
         print(report.table(doc))
-        report.README.write_text(report.readme(doc))
+        report.write_readmes(doc)
         return 0
 
     h = Harness(args)

@@ -15,6 +15,9 @@ LATEST = config.RESULTS / "latest.json"
 # The faults section's floor after kill -9 (as tests/conversations/test_faults.py).
 KILL9_MIN_STORED = 990
 README = config.BENCH / "README.md"
+# The project's README carries the same table, between these two lines.
+PROJECT_README = config.ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- bench table: written by `python -m bench` -->", "<!-- /bench table -->"
 
 
 # ---------------------------------------------------------------- the machine
@@ -208,7 +211,19 @@ def document(results: dict, *, sections: list[str], quick: bool, machine_info=No
 def write(doc: dict) -> None:
     config.RESULTS.mkdir(parents=True, exist_ok=True)
     LATEST.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    write_readmes(doc)
+
+
+def write_readmes(doc: dict) -> None:
+    """bench/README.md, and the table in the project's README, from one document."""
     README.write_text(readme(doc))
+    text = PROJECT_README.read_text()
+    if TABLE_START in text and TABLE_END in text:
+        head, rest = text.split(TABLE_START, 1)
+        tail = rest.split(TABLE_END, 1)[1]
+        run = (f"Run at {doc['at']} on {doc['machine']}; a figure marked *contended* was measured "
+               "while other processes used the machine.")
+        PROJECT_README.write_text(f"{head}{TABLE_START}\n{run}\n\n{markdown_table(doc)}\n{TABLE_END}{tail}")
 
 
 # ---------------------------------------------------------------- text
