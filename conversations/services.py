@@ -681,11 +681,7 @@ def call_forward(*, call: Call, operator: AbstractBaseUser, to: str) -> Command:
     to = phone_ref_clean(to)
     if not to:
         raise ValidationError("Write the number to forward the call to.")
-    call = _call_live(call)
-    return _call_enqueue(
-        call=call, operator=operator, kind=Command.Kind.FORWARD, audit_action=AuditEntry.Action.CALL_FORWARD,
-        text=to,
-    )
+    return _call_forward_queued(call=call, operator=operator, to=to)
 
 
 @_audits_refusals(AuditEntry.Action.CALL_FORWARD)
@@ -695,10 +691,14 @@ def call_forward_to_me(*, call: Call, operator: AbstractBaseUser) -> Command:
     phone = selectors.operator_phone(operator)
     if not phone:
         raise ValidationError("Set your phone number first: it is where your calls are forwarded.")
-    call = _call_live(call)
+    return _call_forward_queued(call=call, operator=operator, to=phone)
+
+
+def _call_forward_queued(*, call: Call, operator, to: str) -> Command:
+    """A forward to a checked number, once the call is known to be live."""
     return _call_enqueue(
-        call=call, operator=operator, kind=Command.Kind.FORWARD, audit_action=AuditEntry.Action.CALL_FORWARD,
-        text=phone,
+        call=_call_live(call), operator=operator, kind=Command.Kind.FORWARD,
+        audit_action=AuditEntry.Action.CALL_FORWARD, text=to,
     )
 
 
