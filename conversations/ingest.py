@@ -21,7 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from conversations import handoff, notify
+from conversations import bulk, handoff, notify
 from conversations.models import Call, CallUtterance, Command, Conversation, Message
 from conversations.sanitize import clean_field, clean_id, clean_text
 from conversations.services import (
@@ -81,7 +81,7 @@ def ingest_session_started(**fields) -> Conversation:
     return ingest_sessions_started([SessionStart(**fields)])[0]
 
 
-@transaction.atomic
+@transaction.atomic(savepoint=False)
 def ingest_sessions_started(starts: list[SessionStart]) -> list[Conversation]:
     """New sessions (or repeats of known ones, which update the contact's details)."""
     starts = [start.fitted() for start in starts]
@@ -145,7 +145,7 @@ def ingest_customer_message(**fields) -> Message | None:
     return stored[0] if stored else None
 
 
-@transaction.atomic
+@transaction.atomic(savepoint=False)
 def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
     """Customer messages, stored together in a handful of queries however many there are.
 
@@ -196,7 +196,7 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
                 changed.update(NEEDS_HUMAN_FIELDS)
     for conversation in conversations.values():
         conversation.updated_at = now
-    Conversation.objects.bulk_update(conversations.values(), [*changed, "updated_at"])
+    bulk.update_rows(conversations.values(), [*changed, "updated_at"])
     for conversation in asked.values():
         handoff_step_aside(conversation=conversation, policy=policy)
     for message in messages:

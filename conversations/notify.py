@@ -21,6 +21,7 @@ import hashlib
 import logging
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -144,6 +145,19 @@ def call_caption(call_id: str, kind: str, **fields) -> None:
     _emit("call_caption", call_id, kind, **fields)
 
 
+def send_html_if_listened(group: str, render: Callable[[], str]) -> None:
+    """`send_html(group, render())`, rendered only if some socket is in `group`.
+
+    Inside `coalesced()` the question is asked once for the whole batch, at
+    its end (after the other notifications, before the inbox rows).
+    """
+    fragments = getattr(_local, "fragments", None)
+    if fragments is not None:
+        fragments.append((group, render))
+    elif listened([group]):
+        send_html(group, render())
+
+
 def inbox_row(conversation) -> None:
     """A conversation's inbox row moved; inside `coalesced()`, once per batch, read fresh."""
     rows = getattr(_local, "rows", None)
@@ -193,7 +207,8 @@ def coalesced():
     """
     pending: dict = {}
     rows: set[int] = set()
-    _local.pending, _local.rows = pending, rows
+    fragments: list[tuple[str, Callable[[], str]]] = []
+    _local.pending, _local.rows, _local.fragments = pending, rows, fragments
     try:
         yield
     finally:
@@ -205,7 +220,15 @@ def coalesced():
                 notify(*args, **kwargs)
             except Exception:
                 logger.exception("could not notify operators (%s)", notify.__name__)
-        _local.pending = _local.rows = None
+        _local.pending = _local.rows = _local.fragments = None
+        if fragments:
+            heard = listened({group for group, _ in fragments})
+            for group, render in fragments:
+                if group in heard:
+                    try:
+                        send_html(group, render())
+                    except Exception:
+                        logger.exception("could not send a fragment to %s", group)
         if rows:
             try:
                 _emit("inbox_rows", rows)
@@ -309,6 +332,61 @@ def fanout_prefix() -> str:
 
 def fanout_channel(group: str) -> str:
     return fanout_prefix() + group
+
+
+# ---------------------------------------------------------------- who listens
+#
+# A conversation's fragments are rendered only while some page has it open: in
+# a burst most conversations have nobody watching, and rendering is most of
+# what storing a message costs after its SQL. Each web process announces the
+# groups it has sockets in (`dashboard.fanout`), in a sorted set per group
+# scored by when the announcement expires.
+
+LISTENING_TTL = 60.0  # seconds an announcement lasts unrenewed (clock skew between hosts included)
+LISTENING_RENEW = 15.0
+# A "yes" is reused this long: a group that has just lost its last socket costs a
+# few renders for nobody; a "no" is never reused (a page that just opened gets all).
+LISTENED_REUSED_FOR = 2.0
+
+_listened_until: dict[str, float] = {}
+
+
+def listening_key(group: str) -> str:
+    return f"live:listening:{group}"
+
+
+def listened(groups) -> set[str]:
+    """Which of `groups` have a socket in some web process now.
+
+    Without the fan-out, or when Redis cannot say: all of them (render for
+    nobody rather than miss somebody).
+    """
+    groups = set(groups)
+    if not groups or not fanout_enabled():
+        return groups
+    now = time.monotonic()
+    heard = {group for group in groups if _listened_until.get(group, 0.0) > now}
+    ask = sorted(groups - heard)
+    if not ask:
+        return heard
+    try:
+        pipe = _sync_redis().pipeline(transaction=False)
+        for group in ask:
+            pipe.zcount(listening_key(group), time.time(), "+inf")
+        counts = pipe.execute()
+    except Exception as error:
+        logger.warning("could not ask who listens (%s); rendering for all", error)
+        return groups
+    for group, count in zip(ask, counts):
+        if count:
+            heard.add(group)
+            _listened_until[group] = now + LISTENED_REUSED_FOR
+        else:
+            _listened_until.pop(group, None)
+    if len(_listened_until) > 10_000:  # bounded: forget the answers that ran out
+        for group in [g for g, until in _listened_until.items() if until <= now]:
+            _listened_until.pop(group, None)
+    return heard
 
 
 # Made on first use, for the configured URL (tests point it elsewhere).

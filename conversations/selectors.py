@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db.models import Exists, F, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
@@ -207,13 +207,16 @@ def with_contact_pause(qs: QuerySet) -> QuerySet:
     )
 
 
-def inbox_rows_by_id(conversation_ids) -> list[Conversation]:
-    """Rows to re-render, oldest activity first (so the newest lands on top)."""
-    return list(
+def inbox_rows_by_id(conversation_ids, *, newest: int) -> list[Conversation]:
+    """The `newest` of these rows by last activity, to re-render, oldest first (so the
+    newest lands on top)."""
+    rows = list(
         with_contact_pause(Conversation.objects.select_related("held_by"))
         .filter(pk__in=list(conversation_ids))
-        .order_by("last_message_at", "id")
+        .order_by(F("last_message_at").desc(nulls_last=True), "-id")[:newest]
     )
+    rows.reverse()
+    return rows
 
 
 def conversation_messages(
@@ -343,42 +346,68 @@ class ConversationFacts:
     idle_seconds: int
 
 
-def conversation_facts(conversation: Conversation) -> ConversationFacts:
-    """Four small queries: the last session command, the contact's pause and open command,
-    the kill switch (and the policy, for a held conversation's idle clock)."""
-    last = (
-        Command.objects.filter(
-            conversation_id=conversation.pk,
-            scope=Command.Scope.SESSION,
-            kind__in=[Command.Kind.PAUSE, Command.Kind.RESUME],
-        )
-        .order_by("-id")
-        .first()
+def _with_facts(qs: QuerySet) -> QuerySet:
+    """Conversations annotated with what `ConversationFacts` needs, in the same query."""
+    return qs.annotate(
+        fact_last_session_command=Subquery(
+            Command.objects.filter(
+                conversation_id=OuterRef("pk"),
+                scope=Command.Scope.SESSION,
+                kind__in=[Command.Kind.PAUSE, Command.Kind.RESUME],
+            )
+            .order_by("-id")
+            .values("id")[:1]
+        ),
+        fact_contact_command=Subquery(
+            Command.objects.filter(
+                status__in=OPEN_COMMAND,
+                scope=Command.Scope.CONTACT,
+                agent_id=OuterRef("agent_id"),
+                contact_phone=OuterRef("contact_phone"),
+            )
+            .order_by("-id")
+            .values("id")[:1]
+        ),
+        fact_contact_paused=Exists(
+            ContactPause.objects.filter(agent_id=OuterRef("agent_id"), contact_phone=OuterRef("contact_phone"))
+        ),
+        fact_agent_paused=Exists(AgentState.objects.filter(agent_id=OuterRef("agent_id"), ai_paused=True)),
+        fact_idle_seconds=Subquery(
+            HandoffPolicy.objects.filter(agent_id=OuterRef("agent_id")).values("idle_seconds")[:1]
+        ),
     )
-    contact_command = (
-        Command.objects.filter(
-            status__in=OPEN_COMMAND,
-            scope=Command.Scope.CONTACT,
-            agent_id=conversation.agent_id,
-            contact_phone=conversation.contact_phone,
-        )
-        .order_by("-id")
-        .first()
-    )
+
+
+def conversation_facts_find(pk: int) -> ConversationFacts | None:
+    """The conversation and its facts in two queries (one when no command is involved);
+    None when it is gone. A change's renders for every viewer start here."""
+    conversation = _with_facts(Conversation.objects.select_related("held_by")).filter(pk=pk).first()
+    if conversation is None:
+        return None
+    ids = [i for i in (conversation.fact_last_session_command, conversation.fact_contact_command) if i]
+    commands = Command.objects.in_bulk(ids) if ids else {}
+    held_and_counting = conversation.held_by_id and conversation.is_active and conversation.holder_active_at
+    idle_seconds = conversation.fact_idle_seconds
     return ConversationFacts(
         conversation=conversation,
-        last_session_command=last,
-        contact_paused=ContactPause.objects.filter(
-            agent_id=conversation.agent_id, contact_phone=conversation.contact_phone
-        ).exists(),
-        contact_command=contact_command,
-        agent_paused=AgentState.objects.filter(agent_id=conversation.agent_id, ai_paused=True).exists(),
+        last_session_command=commands.get(conversation.fact_last_session_command),
+        contact_paused=conversation.fact_contact_paused,
+        contact_command=commands.get(conversation.fact_contact_command),
+        agent_paused=conversation.fact_agent_paused,
         idle_seconds=(
-            handoff_policy(conversation.agent_id).idle_seconds
-            if conversation.held_by_id and conversation.is_active and conversation.holder_active_at
+            (settings.HANDOFF_IDLE_SECONDS if idle_seconds is None else idle_seconds)
+            if held_and_counting
             else 0
         ),
     )
+
+
+def conversation_facts(conversation: Conversation) -> ConversationFacts:
+    """The facts of a conversation already read (read again, with them, by its pk)."""
+    facts = conversation_facts_find(conversation.pk)
+    if facts is None:  # deleted meanwhile: nothing pending, nothing paused
+        return ConversationFacts(conversation, None, False, None, False, 0)
+    return facts
 
 
 def conversation_state(

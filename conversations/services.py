@@ -511,6 +511,23 @@ def command_mark_sent(*, command: Command) -> Command:
     return command
 
 
+def commands_claim(limit: int) -> list[Command]:
+    """The oldest pending commands, marked sent in one statement, in order.
+
+    Marked before their frames go out, so a crash cannot send one twice; one
+    statement, because every action's round trip waits for it.
+    """
+    table = Command._meta.db_table
+    now = timezone.now()
+    claimed = Command.objects.raw(
+        f"UPDATE {table} SET status = %s, sent_at = %s, attempts = attempts + 1 "
+        f"WHERE id IN (SELECT id FROM {table} WHERE status = %s ORDER BY id LIMIT %s) "
+        "RETURNING *",
+        [Command.Status.SENT, now, Command.Status.PENDING, limit],
+    )
+    return sorted(claimed, key=lambda command: command.pk)
+
+
 def command_requeue(*, command: Command) -> None:
     """Back to pending: for pauses and resumes whose answer was lost (safe to repeat)."""
     Command.objects.filter(pk=command.pk, status=Command.Status.SENT).update(

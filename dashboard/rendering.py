@@ -39,13 +39,17 @@ QUIET_RECONNECT = timedelta(seconds=10)
 
 
 def message_added(message) -> None:
-    notify.send_html(conversation_group(message.conversation_id), render_message(message, new=True))
+    notify.send_html_if_listened(
+        conversation_group(message.conversation_id), lambda: render_message(message, new=True)
+    )
     if message.direction != "note":
         notify.inbox_row(message.conversation)
 
 
 def message_changed(message) -> None:
-    notify.send_html(conversation_group(message.conversation_id), render_message(message, new=False))
+    notify.send_html_if_listened(
+        conversation_group(message.conversation_id), lambda: render_message(message, new=False)
+    )
 
 
 def conversation_changed(conversation) -> None:
@@ -65,9 +69,19 @@ def conversation_changed(conversation) -> None:
 
 
 def inbox_rows(conversation_ids: set[int]) -> None:
-    """The inbox rows a batch moved, read fresh in one query and sent once each; then the counts."""
-    for conversation in with_viewers(selectors.inbox_rows_by_id(conversation_ids)):
+    """The inbox rows a batch moved, read fresh in one query and sent once each; then the counts.
+
+    A page shows the newest rows, so a burst that moved more than a page's worth
+    sends only the newest page of them (rendering a row costs about a
+    millisecond: 500 of them were most of a batch's time) and asks the pages to
+    reload their list once the burst is over, which brings the rest.
+    """
+    page = settings.INBOX_PAGE_SIZE
+    rows = selectors.inbox_rows_by_id(conversation_ids, newest=page)
+    for conversation in with_viewers(rows):
         notify.send_html(OPERATORS_GROUP, render_inbox_row(conversation))
+    if len(conversation_ids) > page:
+        notify.send_html(OPERATORS_GROUP, render_inbox_refresh(when_quiet=True))
     counts = selectors.inbox_counts(user=None)
     del counts["mine"]
     notify.send_html(OPERATORS_GROUP, render_tab_counts(counts))
@@ -219,6 +233,12 @@ def render_inbox_row(conversation) -> str:
     return render_to_string("conversations/_inbox_row_live.html", {"conversation": conversation})
 
 
+def render_inbox_refresh(*, when_quiet: bool) -> str:
+    """Tell a page to reload its inbox list: at once (a catch-up found too much), or
+    once the live rows stop coming (a burst sent only its newest)."""
+    return render_to_string("conversations/_inbox_refresh.html", {"when_quiet": when_quiet})
+
+
 def render_agent_state(state) -> str:
     return render_to_string(
         "conversations/_agent_state.html", {"agent_state": state, "oob": True}
@@ -256,8 +276,7 @@ def conversation_state_for_viewer(conversation_id: int, user, version: str = "")
     if version and key in _facts_seen:
         facts = _facts_seen[key]
     else:
-        conversation = selectors.conversation_find(conversation_id)
-        facts = selectors.conversation_facts(conversation) if conversation is not None else None
+        facts = selectors.conversation_facts_find(conversation_id)
         if version:
             _facts_seen[key] = facts
             while len(_facts_seen) > _FACTS_KEPT:
@@ -387,7 +406,7 @@ def catch_up(
         page = settings.INBOX_PAGE_SIZE
         rows = selectors.conversations_changed_since(since_at, limit=page + 1)
         if len(rows) > page:
-            out.append(render_to_string("conversations/_inbox_refresh.html", {}))
+            out.append(render_inbox_refresh(when_quiet=False))
         else:
             out.extend(render_inbox_row(row) for row in with_viewers(rows))
     state = selectors.agent_state_for_display(settings.PINECALL_AGENT_ID)

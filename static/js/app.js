@@ -91,10 +91,26 @@
     absorbIncomingRows();
     var sync = $("#inbox-sync[data-refresh]");
     if (sync) {
+      var when = sync.dataset.refresh;
       sync.removeAttribute("data-refresh");
-      refreshInbox();
+      if (when === "quiet") refreshInboxWhenQuiet();
+      else refreshInbox();
     }
   });
+
+  /* A burst sends only its newest rows: reload the list once the rows stop coming
+   * (or every BURST_REFRESH_MAX ms while a long burst goes on). */
+  var QUIET_FOR = 2000, BURST_REFRESH_MAX = 10000;
+  var quietTimer = null, behindSince = 0;
+  function refreshInboxWhenQuiet() {
+    clearTimeout(quietTimer);
+    if (!behindSince) behindSince = Date.now();
+    var wait = Math.max(0, Math.min(QUIET_FOR, behindSince + BURST_REFRESH_MAX - Date.now()));
+    quietTimer = setTimeout(function () {
+      behindSince = 0;
+      refreshInbox();
+    }, wait);
+  }
 
   // ------------------------------------------------------------ messages
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from urllib.parse import urlsplit
 
 import pytest
@@ -127,3 +128,134 @@ async def test_deployments_on_other_redis_databases_do_not_hear_each_other(proxi
     settings.REDIS_URL = ours
     await notify.group_send("operators", {"type": "live.html", "html": "<p id='ours'></p>"})
     assert await socket.next() == "<p id='ours'></p>"
+
+
+# ---------------------------------------------------------------- who listens: render only what is open
+
+
+def listeners(redis_url: str, group: str) -> int:
+    import redis
+
+    return redis.Redis.from_url(redis_url).zcard(notify.listening_key(group))
+
+
+@pytest.fixture
+def fresh_answers():
+    notify._listened_until.clear()
+    yield
+    notify._listened_until.clear()
+
+
+async def test_a_group_counts_as_listened_from_its_first_socket_until_its_last_leaves(
+    proxied, redis_url, fresh_answers
+):
+    group = f"conversation-{secrets.randbelow(10**9)}"
+    assert notify.listened([group]) == set()
+    first, second = Socket(), Socket()
+    await fanout.join([group], first)
+    # Said before `join` returns, i.e. before the page's catch-up reads the database.
+    assert notify.listened([group]) == {group}
+    await fanout.join([group], second)
+    fanout.leave([group], first)
+    notify._listened_until.clear()
+    assert notify.listened([group]) == {group}  # one socket is still there
+
+    fanout.leave([group], second)
+    await wait_until(lambda: listeners(redis_url, group) == 0)
+    notify._listened_until.clear()
+    assert notify.listened([group]) == set()
+
+
+async def test_a_page_that_rejoins_at_once_is_not_withdrawn_by_its_old_socket(proxied, redis_url, fresh_answers):
+    """A reload: the old socket's last leave and the new one's join race on one process."""
+    group = f"conversation-{secrets.randbelow(10**9)}"
+    old, new = Socket(), Socket()
+    await fanout.join([group], old)
+    fanout.leave([group], old)  # schedules the withdrawal
+    await fanout.join([group], new)
+    await asyncio.sleep(0.2)  # the withdrawal task has run (or skipped) by now; the state must last
+    notify._listened_until.clear()
+    assert notify.listened([group]) == {group}
+    assert listeners(redis_url, group) == 1
+
+
+async def test_groups_are_announced_again_when_redis_comes_back_empty(proxied, redis_url, fresh_answers):
+    import redis
+
+    group = f"conversation-{secrets.randbelow(10**9)}"
+    socket = Socket()
+    await fanout.join([group], socket)
+    state = fanout._by_loop[asyncio.get_running_loop()]
+
+    proxied.cut()
+    await wait_until(lambda: not state.subscribed.is_set())
+    # Nobody can say who listens: the worker renders for all rather than miss one.
+    assert notify.listened([group, "conversation-0"]) == {group, "conversation-0"}
+    redis.Redis.from_url(redis_url).delete(notify.listening_key(group))  # as a restarted Redis
+    proxied.restore()
+    await wait_until(state.subscribed.is_set)
+    notify._listened_until.clear()
+    assert notify.listened([group]) == {group}
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_worker_renders_a_conversations_lines_only_while_a_page_has_it_open(
+    proxied, redis_url, fresh_answers, monkeypatch
+):
+    from conversations import worker
+    from conversations.models import Conversation
+    from dashboard import rendering
+    from pinecall_sdk.events import parse_event
+
+    session = f"s-listen-{secrets.randbelow(10**9)}"
+    rendered = []
+    render_message = rendering.render_message
+
+    def counting(message, *, new):
+        rendered.append(message.text)
+        return render_message(message, new=new)
+
+    monkeypatch.setattr(rendering, "render_message", counting)
+
+    def customer_says(text: str) -> None:
+        event = parse_event(
+            {
+                "event": "whatsapp.message",
+                "agent_id": "demo",
+                "session_id": session,
+                "from": "+34600111222",
+                "message_id": f"wamid.{secrets.token_hex(8)}",
+                "type": "text",
+                "text": text,
+            }
+        )
+        worker.store_batch([event], "demo")
+
+    async def until_a_frame_says(socket: Socket, text: str) -> str:
+        while text not in (frame := await socket.next()):
+            pass
+        return frame
+
+    import redis
+
+    # Left by other tests' processes (their loops closed without leaving): as if crashed.
+    redis.Redis.from_url(redis_url).delete(*(notify.listening_key(f"conversation-{pk}") for pk in range(1, 50)))
+    inbox = Socket()
+    await fanout.join(["operators"], inbox)
+    await sync_to_async(customer_says)("nobody has this open")
+    await until_a_frame_says(inbox, "nobody has this open")  # its inbox row still moves
+    assert rendered == []
+
+    conversation = await sync_to_async(Conversation.objects.get)(session_id=session)
+    assert rendered == []
+    page = Socket()
+    await fanout.join([notify.conversation_group(conversation.pk)], page)
+    await sync_to_async(customer_says)("now somebody does")
+    assert f'id="messages-{conversation.pk}"' in await until_a_frame_says(page, "now somebody does")
+
+    fanout.leave([notify.conversation_group(conversation.pk)], page)
+    await wait_until(lambda: listeners(redis_url, notify.conversation_group(conversation.pk)) == 0)
+    notify._listened_until.clear()
+    await sync_to_async(customer_says)("closed again")
+    await until_a_frame_says(inbox, "closed again")
+    assert rendered == ["now somebody does"]

@@ -48,6 +48,36 @@ class TestBroadcasts:
         assert 'id="inbox-incoming" hx-swap-oob="beforeend"' in row
         assert f'id="row-{message.conversation_id}"' in row and 'data-state="active"' in row
 
+    def test_a_burst_sends_the_newest_page_of_rows_and_reloads_the_lists_when_quiet(
+        self, layer, settings, django_capture_on_commit_callbacks
+    ):
+        settings.INBOX_PAGE_SIZE = 3
+        ops = listen(layer, notify.OPERATORS_GROUP)
+        messages = [MessageFactory(text=f"burst {n}") for n in range(5)]
+        with notify.coalesced(), django_capture_on_commit_callbacks(execute=True):
+            for message in messages:
+                notify.after_commit(notify.message_added, message)
+        frames = [received(layer, ops) for _ in range(5)]  # three rows, the counts, the hint
+        rows = [html for html in frames if 'id="inbox-incoming"' in html]
+        # The newest three, oldest first (each lands on top of the one before).
+        assert [f'id="row-{m.conversation_id}"' in html for m, html in zip(messages[2:], rows)] == [True] * 3
+        assert len(rows) == 3
+        hint = [html for html in frames if 'id="inbox-sync"' in html]
+        assert len(hint) == 1 and 'data-refresh="quiet"' in hint[0]
+
+    def test_a_batch_within_a_page_sends_every_row_and_no_reload(
+        self, layer, settings, django_capture_on_commit_callbacks
+    ):
+        settings.INBOX_PAGE_SIZE = 3
+        ops = listen(layer, notify.OPERATORS_GROUP)
+        messages = [MessageFactory(text=f"few {n}") for n in range(3)]
+        with notify.coalesced(), django_capture_on_commit_callbacks(execute=True):
+            for message in messages:
+                notify.after_commit(notify.message_added, message)
+        frames = [received(layer, ops) for _ in range(4)]  # three rows, the counts
+        assert sum('id="inbox-incoming"' in html for html in frames) == 3
+        assert not any('id="inbox-sync"' in html for html in frames)
+
     def test_message_changed_replaces_the_bubble(self, layer):
         message = MessageFactory(ai=True, status="delivered")
         conv = listen(layer, notify.conversation_group(message.conversation_id))
