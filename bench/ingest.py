@@ -20,6 +20,7 @@ from bench.stack import Stack, orm, wait_until
 CONTACTS = 1000
 PER_CONTACT = 10
 OPERATORS = 10
+TARGET_PER_SECOND = 2000  # the target: below it, the harness profiles the worker
 TIMEOUT = 300.0
 
 
@@ -121,7 +122,7 @@ async def run(h) -> dict:
             f"ingest: {result['stored']}/{total} stored in {result['seconds']} s = "
             f"{per_second}/s; operator frames {min(frames)}..{max(frames)}"
         )
-        if h.profile and per_second < 1000:
+        if h.profile and per_second < TARGET_PER_SECOND:
             result["profile"] = await _profile(h, stack, contacts)
         result["log_problems"] = stack.problems()
         await close_many(clients)

@@ -461,6 +461,9 @@ def conversation_state(
     )
 
 
+NAMED_VIEWERS = 9  # the presence bar and an inbox row's mark name nine at most
+
+
 @dataclass(frozen=True)
 class Viewer:
     pk: int
@@ -468,18 +471,19 @@ class Viewer:
 
 
 def conversation_viewers(conversation_ids) -> dict[int, list[Viewer]]:
-    """Who has each of these conversations open now (`presence`), with their names."""
+    """Who has each of these conversations open now (`presence`), the first few named."""
     live = presence.viewers_of(conversation_ids)
     if not live:
         return {}
-    pks = {pk for users in live.values() for pk in users}
+    # Names for the first few only (a few spare for accounts just deactivated): the
+    # bar and the row's mark name nine; with 1,000 viewers, the rest are a count.
+    read = NAMED_VIEWERS + 3
+    pks = {pk for users in live.values() for pk in users[:read]}
     people = {u.pk: u for u in get_user_model().objects.filter(pk__in=pks, is_active=True)}
     out = {}
     for conversation_id, users in live.items():
-        viewers = []
-        for pk in users:
-            if pk in people:
-                viewers.append(Viewer(pk=pk, name=display_name(people[pk])))
+        named = [Viewer(pk=pk, name=display_name(people[pk])) for pk in users[:read] if pk in people]
+        viewers = named + [Viewer(pk=pk, name="") for pk in users[read:]]
         if viewers:
             out[conversation_id] = viewers
     return out

@@ -3,6 +3,7 @@ and the catch-up a reconnecting page gets."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -225,3 +226,29 @@ def test_a_crowded_conversation_names_nine_viewers_and_counts_the_rest(settings)
     assert "Op08 Here" in bar and "Op09 Here" not in bar
     first, second = sorted(p.pk for p in people)[:2]
     assert f'data-viewers="{first} {second}"' in mark and "and 3 more" in mark
+
+
+def test_a_crowd_of_viewers_reads_the_names_it_shows_not_every_account(settings):
+    """The inbox row's render for 1,000 viewers must not load 1,000 user rows."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from conversations import presence, selectors
+
+    settings.REDIS_URL = ""
+    presence.reset_backend()
+    conversation = ConversationFactory()
+    people = [OperatorFactory(first_name=f"Op{i:02d}", last_name="Crowd") for i in range(40)]
+    for person in people:
+        presence.here(conversation.pk, person.pk, f"socket-{person.pk}")
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            viewers = selectors.conversation_viewers([conversation.pk])[conversation.pk]
+    finally:
+        presence.clear()
+        presence.reset_backend()
+    assert [v.pk for v in viewers] == sorted(p.pk for p in people)  # everyone counted
+    assert [v.name for v in viewers[:9]] == [f"Op{i:02d} Crowd" for i in range(9)]
+    (users,) = [q["sql"] for q in queries.captured_queries if "auth_user" in q["sql"]]
+    asked = re.search(r'"id" IN \(([^)]*)\)', users).group(1).split(",")
+    assert len(asked) == selectors.NAMED_VIEWERS + 3  # a dozen accounts read, not 40
