@@ -192,8 +192,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=html)
 
     async def conversation_state(self, event):
-        """The conversation changed: this viewer's own header and composer."""
-        html = await database_sync_to_async(rendering.conversation_state_for_viewer)(
+        """The conversation changed: this viewer's own header and composer.
+
+        Rendered on a thread of the pool, not on the one thread that every sync view
+        of this process shares: the state confirming an operator's action must not
+        wait behind the POST that asked for it (or behind anybody's page).
+        """
+        html = await database_sync_to_async(rendering.conversation_state_for_viewer, thread_sensitive=False)(
             event["conversation_id"], self.user, event.get("version", "")
         )
         if html:

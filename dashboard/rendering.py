@@ -13,6 +13,7 @@ would have sent it (see `dashboard.consumers`).
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
@@ -268,19 +269,22 @@ def render_conversation_state_for(conversation, user, facts=None) -> str:
 # change reaches all of a process's viewers together: the first reads, the rest reuse.
 _facts_seen: OrderedDict[tuple[int, str], selectors.ConversationFacts | None] = OrderedDict()
 _FACTS_KEPT = 64
+_facts_lock = threading.Lock()  # viewers render on several threads of the pool
 
 
 def conversation_state_for_viewer(conversation_id: int, user, version: str = "") -> str:
     """A `conversation.state` change, rendered for one viewer's socket."""
     key = (conversation_id, version)
-    if version and key in _facts_seen:
-        facts = _facts_seen[key]
-    else:
+    with _facts_lock:
+        seen = version and key in _facts_seen
+        facts = _facts_seen.get(key) if seen else None
+    if not seen:
         facts = selectors.conversation_facts_find(conversation_id)
         if version:
-            _facts_seen[key] = facts
-            while len(_facts_seen) > _FACTS_KEPT:
-                _facts_seen.popitem(last=False)
+            with _facts_lock:
+                _facts_seen[key] = facts
+                while len(_facts_seen) > _FACTS_KEPT:
+                    _facts_seen.popitem(last=False)
     if facts is None:
         return ""
     return render_conversation_state_for(facts.conversation, user, facts)
