@@ -185,3 +185,16 @@ def test_confirming_twice_changes_nothing(operator, make_conversation):
     command.refresh_from_db()
     assert command.status == "confirmed"
     assert conversation.messages.filter(direction="note").count() == 1
+
+
+def test_the_worker_claims_pending_commands_once_oldest_first(operator, make_conversation):
+    """Claimed = marked sent in the same statement that picks them: never handed out twice."""
+    first, second, third = (make_conversation() for _ in range(3))
+    commands = [services.conversation_take_over(conversation=c, operator=operator) for c in (first, second, third)]
+    claimed = services.commands_claim(2)
+    assert [c.pk for c in claimed] == [commands[0].pk, commands[1].pk]
+    assert all(c.status == "sent" and c.attempts == 1 and c.sent_at is not None for c in claimed)
+    assert [c.pk for c in services.commands_claim(10)] == [commands[2].pk]
+    assert services.commands_claim(10) == []
+    stored = {c.pk: c for c in Command.objects.all()}
+    assert {c.status for c in stored.values()} == {"sent"} and {c.attempts for c in stored.values()} == {1}
