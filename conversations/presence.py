@@ -50,6 +50,10 @@ class _MemoryStore:
         with self._lock:
             self._members.setdefault(conversation_id, {})[member] = expires
 
+    def put_many(self, members: list[tuple[int, str]], expires: float) -> None:
+        for conversation_id, member in members:
+            self.put(conversation_id, member, expires)
+
     def drop(self, conversation_id: int, member: str) -> None:
         with self._lock:
             members = self._members.get(conversation_id, {})
@@ -92,6 +96,14 @@ class _RedisStore:
         pipe = self._redis.pipeline(transaction=False)
         pipe.zadd(key, {member: expires})
         pipe.expire(key, int(TTL * 2))
+        pipe.execute()
+
+    def put_many(self, members: list[tuple[int, str]], expires: float) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for conversation_id, member in members:
+            pipe.zadd(KEY_PREFIX + str(conversation_id), {member: expires})
+        for conversation_id in {conversation_id for conversation_id, _ in members}:
+            pipe.expire(KEY_PREFIX + str(conversation_id), int(TTL * 2))
         pipe.execute()
 
     def drop(self, conversation_id: int, member: str) -> None:
@@ -154,6 +166,13 @@ def here(conversation_id: int, user_pk: int, socket: str) -> None:
         lambda: _backend().put(conversation_id, _member(user_pk, socket), time.time() + TTL),
         None,
     )
+
+
+def here_many(pages: Iterable[tuple[int, int, str]]) -> None:
+    """Many open pages (conversation, user, socket) at once: a process's renewal."""
+    expires = time.time() + TTL
+    members = [(conversation_id, _member(user_pk, socket)) for conversation_id, user_pk, socket in pages]
+    _safely("renew viewers", lambda: _backend().put_many(members, expires), None)
 
 
 def gone(conversation_id: int, user_pk: int, socket: str) -> None:

@@ -117,7 +117,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
             self.can_type = await database_sync_to_async(user.has_perm)(TAKE_OVER_PERMISSION)
             self.typed_at = 0.0
             await self._presence_here()
-            self.presence_renewal = asyncio.ensure_future(self._renew_presence())
+            _presence_renewal().add(self)
 
     async def disconnect(self, code):
         if getattr(self, "counted", False):
@@ -126,10 +126,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
         fanout.leave(getattr(self, "groups_joined", []), self)
         for group in getattr(self, "groups_joined", []):
             await self.channel_layer.group_discard(group, self.channel_name)
-        renewal = getattr(self, "presence_renewal", None)
-        if renewal is not None:
-            renewal.cancel()
-            self.presence_renewal = None
+        renewal = _renewals.get(asyncio.get_running_loop())
+        if renewal is not None and renewal.discard(self):
             await database_sync_to_async(presence.gone)(self.conversation_id, self.user.pk, self.channel_name)
             # Told from outside this consumer, a moment after it stopped: channels-redis
             # can drop a message that arrives just as a stopping consumer's receive is
@@ -161,24 +159,6 @@ class LiveConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(presence.here)(self.conversation_id, self.user.pk, self.channel_name)
         _tell_presence_soon(self.conversation_id, after=PRESENCE_TOLD_AFTER)
 
-    async def _renew_presence(self) -> None:
-        """Stay "viewing"; and when someone's page vanished without closing (its process
-        was killed), their mark expires: say so, once noticed."""
-        while True:
-            await asyncio.sleep(presence.RENEW_EVERY)
-            try:
-                await database_sync_to_async(presence.here)(
-                    self.conversation_id, self.user.pk, self.channel_name
-                )
-                now = await database_sync_to_async(presence.viewers)(self.conversation_id)
-                told = _viewers_told.get(self.conversation_id)
-                if told is not None and sorted(now) != told:
-                    _tell_presence_soon(self.conversation_id, after=PRESENCE_TOLD_AFTER)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the socket stays; presence is a courtesy
-                continue
-
     # ------------------------------------------------------------ from the groups
 
     async def live_html(self, event):
@@ -209,6 +189,59 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if event.get("session_key") and event["session_key"] != self.session_key:
             return
         await self.close(code=4401)
+
+
+# ---------------------------------------------------------------- presence, renewed once per process
+
+
+class PresenceRenewal:
+    """Keeps this process's open conversation pages "viewing": one Redis pipeline every
+    `presence.RENEW_EVERY` for all of them (a task per socket cost each idle socket
+    its memory). When someone's page vanished without closing (its process was
+    killed), their mark expires: said once noticed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.sockets: set[LiveConsumer] = set()
+        self.task = loop.create_task(self._run())
+
+    def add(self, consumer: "LiveConsumer") -> None:
+        self.sockets.add(consumer)
+
+    def discard(self, consumer: "LiveConsumer") -> bool:
+        """False when it was not renewed here (it never counted as viewing)."""
+        if consumer in self.sockets:
+            self.sockets.remove(consumer)
+            return True
+        return False
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(presence.RENEW_EVERY)
+            pages = [(c.conversation_id, c.user.pk, c.channel_name) for c in self.sockets]
+            if not pages:
+                continue
+            conversations = {conversation_id for conversation_id, _, _ in pages}
+            try:
+                await database_sync_to_async(presence.here_many)(pages)
+                now = await database_sync_to_async(presence.viewers_of)(conversations)
+            except Exception:  # the sockets stay; presence is a courtesy
+                logger.warning("could not renew presence", exc_info=True)
+                continue
+            for conversation_id in conversations:
+                told = _viewers_told.get(conversation_id)
+                if told is not None and sorted(now.get(conversation_id, [])) != told:
+                    _tell_presence_soon(conversation_id, after=PRESENCE_TOLD_AFTER)
+
+
+_renewals: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _presence_renewal() -> PresenceRenewal:
+    loop = asyncio.get_running_loop()
+    renewal = _renewals.get(loop)
+    if renewal is None:
+        renewal = _renewals[loop] = PresenceRenewal(loop)
+    return renewal
 
 
 # ---------------------------------------------------------------- presence, told once per moment

@@ -315,6 +315,35 @@ async def test_viewers_see_each_other_and_the_inbox_marks_the_row(ana, ana_cooki
     await inbox.disconnect()
 
 
+async def test_open_pages_stay_viewing_and_a_vanished_one_is_noticed(ana, ana_cookie, monkeypatch):
+    """One renewal per process keeps every open page "viewing" past the TTL, and a page
+    whose process died (its mark never removed) drops out of the bar once it expires."""
+    from conversations import presence
+
+    monkeypatch.setattr(presence, "TTL", 1.5)
+    monkeypatch.setattr(presence, "RENEW_EVERY", 0.3)
+    bruno = await sync_to_async(OperatorFactory)(first_name="Bruno", last_name="Costa")
+    conversation = await sync_to_async(ConversationFactory)()
+    # Bruno's page, on a Daphne that was killed: its mark stays until it expires.
+    await sync_to_async(presence.here)(conversation.pk, bruno.pk, "socket-of-a-killed-process")
+    page = socket(f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}", ana_cookie)
+    assert (await page.connect())[0]
+    bar = (await receive_until_cursor(page))[-2]
+    assert "Bruno Costa" in bar and "Ana Silva" in bar
+
+    deadline = time.monotonic() + 10
+    while "Bruno Costa" in bar:
+        assert time.monotonic() < deadline, "the vanished page was never noticed"
+        frame = await page.receive_from(timeout=5)
+        if 'id="presence-' in frame:
+            bar = frame
+    assert 'data-viewers="%d"' % ana.pk in bar
+    # Ana's own page outlived several TTLs: renewed, still viewing.
+    assert await sync_to_async(presence.viewers)(conversation.pk) == [ana.pk]
+    await page.disconnect()
+    assert await sync_to_async(presence.viewers)(conversation.pk) == []
+
+
 async def test_typing_is_shown_to_the_others_and_hostile_frames_are_ignored(ana, ana_cookie):
     bruno = await sync_to_async(OperatorFactory)(first_name="Bruno", last_name="Costa")
     vera = await sync_to_async(ViewerFactory)(first_name="Vera")
