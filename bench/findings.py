@@ -11,7 +11,8 @@ INTRO = """
 PostgreSQL, Redis, Daphne serving `dashboard.asgi`, the Pinecall worker
 (`manage.py runworker pinecall`) and a Pinecall simulator inside the harness —
 drives it as customers and operators would, and writes `bench/results/latest.json`
-and the table below. A full run takes about 7 minutes on a quiet 2-core machine (the
+and the table below. A full run takes about 15 minutes on a quiet 2-core machine (up to 30 when sections
+are rerun because other processes disturbed them) (the
 first one about 1 minute more, to build the 1,000,000-message dataset, which is then
 kept). Before each section it waits (up to 90 s) for other processes to go quiet, and
 records the CPU they used meanwhile: a section they disturbed is marked *contended*.
@@ -56,162 +57,98 @@ TITLES = {
 # 2026-11-21 runs on this 2-core machine; the generated numbers above are the latest).
 MISSED: dict[str, str] = {
     "fanout_n1": """
-**What was done.** Rendered fragments no longer travel through the channel layer
-(one list entry per socket, each popped by its Daphne process in a Redis round trip
-of its own): each is one PUBLISH, and every Daphne process writes it to its own
-sockets of the group in memory (`dashboard/fanout.py`, `conversations/notify.py`;
-`LIVE_FANOUT=layer` restores the old path, `bench/variants/layer_fanout.py`). Same
-rules: at most once, the database is the record, a reconnecting page catches up
-(a socket holds what is published during its catch-up and sends it after); a Redis
-restart re-subscribes with a growing pause (tested with a TCP proxy in
-`tests/dashboard/test_fanout.py`, and by hand with a redis-server of our own on
-port 6390: back 1.7 s after the restart). Measured back to back (2026-12-02, both
-runs contended alike, other processes ~1-2 cores): our transport's floor at N=1
-3.71 -> 1.41 ms p50; at N=100 36.3 -> 17.6 ms p50 and 150 -> 27 ms p99; the real
-path at N=100 p50 61.9 -> 56.9 ms and p99 183 -> 88 ms; three later runs 27-29.5 ms
-p50 and 39-46 ms p99 at N=100 (the layer's path had 57-62 ms p50 in the same hour). Our floor is now within
-1.1-1.2x of the transport floor (the best transport on Redis: one PUBLISH, written
-in memory, no consumer).
+**This round (2026-12-02, commits f0fe1c6..0daf3c9).** The one-message batch now
+takes 8 SQL statements instead of 17 before its commit: no savepoints on the fast
+path (a refused batch is stored again one event at a time, each in its savepoint),
+the spool cursor in one `UPDATE`, and the inbox columns in one
+`UPDATE … FROM UNNEST(…)` (`conversations/bulk.py`) instead of Django's
+`CASE WHEN` `bulk_update` (the slowest statement of the path). A conversation's
+line is rendered only while some page has it open (each web process announces the
+groups it has sockets in, `notify.listened`). Measured: p50 19.2 -> 14.4 ms at N=1.
 
-**Where the time goes now:** what the application adds is the same ~16-18 ms at every
-N: the worker's path from the event to the commit (and, for the next sample, the
-inbox row's render after it: `with_viewers` reads every viewer's user row, 16 % of
-the worker at N=100; see Scale). For a one-message batch that is
-17 SQL statements (savepoints, the repeats check, the lock, the insert, the handoff
-policy, the inbox columns, four for the spool cursor, the commit), each a PostgreSQL
-round trip on a machine where PostgreSQL, Redis, Daphne, the worker and the harness
-share two cores, plus the hops from the worker's event loop to its ORM thread and
-back. The row is created 4.6 ms after the simulator sends (breakdown below); the
-profile of the worker (below) is mostly psycopg and the ORM.
+**Where the time goes now**, measured on this machine with the stack idle: every
+PostgreSQL statement is a round trip of 0.5-0.7 ms here (psycopg over 127.0.0.1),
+so the 8 statements and the commit are ~5.5 ms, with ~2 ms of ORM Python on top:
+the row is committed ~8 ms after the worker takes the event, and the fragment is
+on the socket ~4 ms later (render, hand-off to the event loop, PUBLISH, Daphne).
 
-**What would close it:** fewer round trips before the commit: the spool cursor in one
-upsert and no savepoint for an empty run of session starts take it from 17 to 12
-statements (tried: no gain visible above this machine's noise, 17.2 vs 19.2 ms p50 at
-N=1 in the wrong direction, so not landed); the repeats check, lock, insert and
-update as one statement (a CTE); the store on the event loop with psycopg's async
-driver (no thread hops). The commit itself stays: every message is committed before
-a screen shows it, and on this machine that path alone is longer than 5 ms.
+**What would close it:** fewer round trips still: the repeats check and the lock
+in one statement, the handoff policy kept by the worker with a change notice
+instead of read per batch, and psycopg's pipeline mode for the independent
+reads; the 5 ms target is below what one committed transaction of this size costs
+on this machine (BEGIN + 6 statements + COMMIT at ~0.6 ms each), so it stays missed
+while every message is committed before any screen shows it.
 """,
     "fanout_n100": """
-See Fan-out at N=1: the transport at N=100 is now ~10-17 ms p50 (the transport
-floor ~9-14 ms: the harness reads 100 sockets in one Python process, and Daphne frames
-the fragment once per socket); the rest is the same constant worker path. Framing the
-fragment once per process and writing the same bytes to every socket would lower
-Daphne's share.
+See Fan-out at N=1: the transport at N=100 is ~10-12 ms p50 (the transport floor
+~9-10 ms: the harness reads 100 sockets in one Python process, and Daphne frames
+the fragment once per socket); the rest is the same constant worker path. p99 at
+N=100 was 31-48 ms in this run's two passes (target 40). Framing the fragment once
+per process and writing the same bytes to every socket would lower Daphne's share.
 """,
     "scale": """
-**What was done.** The first run of this section could not open the sockets: every
-arriving viewer told every other viewer who was there, with a bar naming all of them
-(1,000 viewers: about a million frames, each up to ~100 KB), so Daphne's event loop
-fell behind and handshakes timed out at ~800 sockets. Now presence is told once per
-second per conversation, by one process for all (`presence.claim_telling`), through
-the fan-out, with nine names at most ("and 991 more"); and every fragment is one
-PUBLISH per process. 1,000 sockets open in ~33 s (20 at a time).
-
-**Where the time goes:** two runs, both contended: at 04:37 (others 1.95 cores) p50
-164 / p99 263 ms against a floor p99 of 236 ms and a transport floor p99 of 280 ms
-(1.1x); at 05:11 (others 3.05 cores) p50 104 / p99 277 ms against 108 and 78 ms (2.6x;
-p50 1.7x the floor). With 40 samples the p99 is the worst one or two, and on this
-machine those fell on moments when other processes held both cores. Most of the time
-is the delivery to 1,000 sockets itself: each Daphne frames and writes the fragment
-500 times (autobahn, in Python), and the harness reads 1,000 sockets in one Python
-process; the rest is the worker's constant path (see Fan-out). Profiles of both
-Daphnes and the worker are below.
-
-**What would close it:** in the worker's profile below half the time is
-`with_viewers` -> `conversation_viewers`: each inbox row it renders reads the user row
-of every viewer (1,000 here) for a mark that names nine: read nine (`presence` gives
-the pks; slice before the query). That runs after the message's fragment is out, but
-it holds the worker's ORM thread, so the next message waits. In Daphne the time is
-`Fanout._deliver` (autobahn's framing, per socket): frame once per process and write
-the same bytes to every socket. And measure with readers spread over several
-processes (the harness's single reader is part of the floor).
+**This round.** p99 311 -> 165 ms (target 200 met), p50 135 -> 113 ms: an inbox row's
+viewer mark read the user row of every viewer (1,000 here) to name nine; it now reads
+a dozen (`selectors.conversation_viewers`, `NAMED_VIEWERS`), and the rest are a
+count. The ratio to the floor (1.68x its p99; 0.99x the transport floor's p99) is
+still over 1.5x: with 40 samples the p99 is the worst one or two, and what is left
+is the worker's constant path (see Fan-out at N=1) plus each Daphne framing the
+fragment 500 times in autobahn. Frame once per process and write the same bytes.
 """,
     "scale_memory": """
-A conversation's socket costs more than an inbox socket (49-56 KB in two runs,
-against ~41 KB in the memory section): it holds its presence renewal task (asyncio task + its
-coroutine frames) and joins one more group. One renewal per process for all its
-sockets of a conversation (one ZADD pipeline every 15 s) would remove the per-socket
-task.
+Met this round (56.7 -> 44.1 KB per idle conversation socket): presence is renewed
+by one task per process for all its open pages (one Redis pipeline every 15 s,
+`consumers.PresenceRenewal`) instead of a task per socket.
 """,
     "worker_idle": """
-**What was done.** The handoff clock ran five queries every second (the policy and
-three locked scans); it now asks once whether anything is held or auto-paused and
-stops there: measured A/B/A in the same session, 0.9 / 1.9 / 1.1 % of a core (before:
-1.5-1.9 % in every run).
-
-**What is left:** the heartbeat (a row written and a fragment rendered every 5 s),
-the process row (every 5 s), the outbox poll (every 2 s: wake-ups come over the
-channel layer, so the poll is only the safety net and could be 10 s), the
-leadership check (`SELECT 1`).
+Met this round (0.9 %): the handoff clock ticks every 2 s instead of every second
+(its clocks count in minutes). Before: the clock's five queries per second became
+one (1.5-1.9 % -> ~1.0 %).
 """,
     "ingest": """
-**What was done.** The first harness run stored 76.6 messages/s: one event per
-transaction, eight SQL round trips per message, and two renders plus two Redis
-round trips that the storing thread waited for. Since then (`conversations/worker.py`,
-`ingest.py`, `live.py`):
-1. the worker stores whatever events have piled up in one transaction (up to 500),
-2. runs of session starts and customer messages are stored set-wise
-   (`ingest_customer_messages`: one query drops repeats, one locks the batch's
-   conversations, one `bulk_create`, one `bulk_update` of the inbox columns),
-3. notifications are coalesced per batch (one inbox row per conversation, read
-   fresh in one query) and handed to the event loop in order instead of waited for,
-4. the redundant FK index and the `LIKE`-pattern copy of the `message_id` index are gone.
-Each step was measured: 76.6 -> 137 -> 335 -> 530 messages/s, and ~470/s in the full run
-above (the harness measured other processes, the VM's kernel workers, using about
-two cores during it).
-
-**Where the time goes now** (py-spy on the worker during a burst): the storing thread
-is busy all the time and the event loop mostly idle. Of the storing thread, ~55 % is
-the set-based SQL of the batches (PostgreSQL round trips of ~1 ms each on this
-machine, where PostgreSQL, Redis, Daphne, the simulator and the worker share two
-cores) and most of the rest is rendering one fragment per message (~0.4 ms each with
-Django templates), which the fan-out needs.
-
-**What would fix it:** render a message's fragment only for conversations somebody
-has open (the inbox row is enough for the others; ~0.4 ms a message, a fifth of the
-storing thread). `conversations/presence.py` knows who has a conversation open, but
-two things must hold first: a page must count as open *before* its catch-up reads
-the database (today presence is recorded after it, so a message committed in
-between would be neither caught up nor sent), and a presence store emptied by a
-Redis restart must read as "watched" until pages renew (else up to 15 s of
-fragments are dropped for pages whose sockets never closed). Then: one presence
-read per batch, and a second storing thread for events of different
-conversations. The ingest section was not re-measured this round.
+**This round: 328 -> 2,661 messages/s (target met), count exact.** Profiled first:
+a batch of 500 took ~0.8 s, of which ~0.55 s was rendering 500 inbox rows (~1 ms each
+with Django templates) and ~0.2 s the SQL. Now:
+1. a batch that moves more rows than an inbox page (50) sends only the newest page
+   and tells the pages to reload their list once the rows stop coming (app.js:
+   2 s after the last hint, at most every 10 s in a long burst; browser test
+   `tests/e2e/test_inbox_burst.py`);
+2. a conversation's line is rendered only while a page has it open (the web
+   processes announce their groups in Redis before the page's catch-up reads);
+3. the inbox columns in one `UPDATE … FROM UNNEST` (psycopg was spending 14 ms per
+   batch just parsing the placeholders of the `VALUES` form), no savepoints;
+4. batches of up to 2,000 events, so each batch's fixed cost after the commit
+   (the newest rows, the counts) is shared by more messages.
+Steps measured in this session: 412-664/s (1, 2), 1,157-1,462/s (3), 2,049/s (4),
+2,661/s in the full run.
 """,
     "round_trip_take_over": """
-Re-measured 2026-12-02 with the fan-out (others used 2.2 cores): take over p50 68 /
-p99 102 ms, send 53 / 78 ms: no change that this machine's noise lets one see (the
-POST's broadcasts are now a plain PUBLISH each instead of an event loop per
-group_send, but the POST and the confirmation are the time). The fixes below were
-not made this round.
+**This round:** take over p50 96 -> 78 ms, send 62 -> 56 ms (both still missed).
+A viewer's own header after a change is now rendered on a thread of the pool, not
+on the one thread every sync view of the Daphne process shares (B's confirmed
+state waited behind A's whole POST); a conversation's facts are read in two
+queries instead of seven; commands are claimed (marked sent) in one
+`UPDATE … RETURNING`.
 
-**What was done.** First run: p50 164 ms. Since then: a PostgreSQL connection pool
-(Daphne ran each request on a fresh thread, so every request opened a connection),
-broadcasts that no longer block the worker, the bridge kept by the process (a
-failed consumer instance lost every wake-up, so commands waited for the 2 s poll),
-and notifications coalesced. Now p50 ~56-80 ms depending on the machine's load.
+**Where the time goes** (steps in latest.json, p50 from A's POST): the pause reaches
+the simulator ~35 ms after the POST starts (Django's request: session, permissions,
+the lock, claim, outbox and audit rows, the commit, then the wake-up), and B's
+confirmed header comes ~40 ms after that (the worker's confirmation transaction,
+the `conversation.state` hop through the channel layer, B's render). Each hop is
+a few PostgreSQL round trips at ~0.6 ms and a thread hand-off, on two cores shared
+with the POST's own post-commit renders.
 
-**Where the time goes** (steps in latest.json, p50 from A's POST): `session.pause`
-reaches the simulator at ~23 ms and B's socket is told at ~21-25 ms, but A's POST is
-only answered at ~51 ms and B's screen has the new state at ~64 ms. The POST (the
-session, the permission queries, locking the conversation, the outbox and audit rows,
-the renders of A's header and composer, and the on-commit broadcasts it waits for)
-and B's GET of its own header state (8 queries, told by a sync fragment) share
-Daphne's process and the two cores with the worker, Redis and PostgreSQL.
-
-**What would fix it:** broadcast the header itself and let app.js choose the per-user
-part from `data-held-by` against the page's user id, which removes B's GET (the
-largest single step); claim and send a command in one `UPDATE ... RETURNING`; and
-answer the POST before rendering the broadcasts (schedule them on Daphne's loop).
+**What would fix it:** broadcast the confirmed header itself from the worker through
+the fan-out (one PUBLISH) and let app.js pick the per-user parts from `data-held-by`
+against the page's user id, removing B's channel-layer hop and render; send the
+pause before the POST's inbox-row and count renders (today they run in the request
+before its answer, on the same cores).
 """,
     "round_trip_send": """
-Same path as Take over, without the header re-fetch for the sender's bubble: the POST
-stores the message, outbox and audit rows and renders the pending bubble; the worker
-sends `session.send`; the confirmation re-renders the bubble for every viewer.
-p50 107 ms in the first run, ~40 ms now (the pool and the non-blocking broadcasts).
-The fixes listed for Take over apply; the floor of this chain on this machine is one
-POST (~15 ms of Django), one worker transaction and one broadcast.
+Same path as Take over, without the header re-render for the sender's bubble: the
+POST stores the message, outbox and audit rows and renders the pending bubble; the
+worker sends `session.send`; the confirmation re-renders the bubble for every viewer.
+p50 107 ms in the first run, 56 ms now. The fixes listed for Take over apply.
 """,
 }
 
