@@ -76,9 +76,7 @@ OUTBOX_BATCH = 200
 # counts), which larger batches share among more messages.
 INGEST_BATCH = 2000
 HEARTBEAT_SECONDS = 5.0
-# The handoff's clocks count in minutes (a fallback, an idle hand-back, the warning a
-# minute before): two seconds of resolution is plenty, and half an idle worker's queries.
-HANDOFF_TICK_SECONDS = 2.0
+HANDOFF_TICK_SECONDS = 1.0
 # After losing the lock, how long the worker keeps its Pinecall connection
 # (not sending) hoping to get the lock back before leaving it to another.
 LEADERSHIP_GRACE_SECONDS = 10.0
