@@ -46,13 +46,10 @@ class _MemoryStore:
         self._members: dict[int, dict[str, float]] = {}
         self._told: dict[int, float] = {}  # conversation id -> when it may be told again
 
-    def put(self, conversation_id: int, member: str, expires: float) -> None:
-        with self._lock:
-            self._members.setdefault(conversation_id, {})[member] = expires
-
     def put_many(self, members: list[tuple[int, str]], expires: float) -> None:
-        for conversation_id, member in members:
-            self.put(conversation_id, member, expires)
+        with self._lock:
+            for conversation_id, member in members:
+                self._members.setdefault(conversation_id, {})[member] = expires
 
     def drop(self, conversation_id: int, member: str) -> None:
         with self._lock:
@@ -90,13 +87,6 @@ class _RedisStore:
         import redis
 
         self._redis = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
-
-    def put(self, conversation_id: int, member: str, expires: float) -> None:
-        key = KEY_PREFIX + str(conversation_id)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zadd(key, {member: expires})
-        pipe.expire(key, int(TTL * 2))
-        pipe.execute()
 
     def put_many(self, members: list[tuple[int, str]], expires: float) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -160,19 +150,16 @@ def _safely(what: str, call, default):
 
 
 def here(conversation_id: int, user_pk: int, socket: str) -> None:
-    """This page has the conversation open (on connect, and every `RENEW_EVERY`)."""
-    _safely(
-        "record a viewer",
-        lambda: _backend().put(conversation_id, _member(user_pk, socket), time.time() + TTL),
-        None,
-    )
+    """This page has the conversation open (on connect; renewed with `here_many`)."""
+    here_many([(conversation_id, user_pk, socket)])
 
 
 def here_many(pages: Iterable[tuple[int, int, str]]) -> None:
-    """Many open pages (conversation, user, socket) at once: a process's renewal."""
+    """Open pages (conversation, user, socket), for `TTL` from now: one round trip for
+    all of a process's pages when it renews them every `RENEW_EVERY`."""
     expires = time.time() + TTL
     members = [(conversation_id, _member(user_pk, socket)) for conversation_id, user_pk, socket in pages]
-    _safely("renew viewers", lambda: _backend().put_many(members, expires), None)
+    _safely("record viewers", lambda: _backend().put_many(members, expires), None)
 
 
 def gone(conversation_id: int, user_pk: int, socket: str) -> None:
