@@ -241,14 +241,16 @@ def coalesced():
 _sender = None
 
 
-def send_through(sender) -> None:
+def send_through(sender, *, replacing=None) -> None:
     """Route group sends through `sender(group, message)` instead of waiting on each.
 
     The worker installs one that hands them, in order, to its event loop, so
-    storing an event never waits for Redis.
+    storing an event never waits for Redis. With `replacing`, only if that one
+    is still the one installed (a bridge removing its own, never another's).
     """
     global _sender
-    _sender = sender
+    if replacing is None or _sender is replacing:
+        _sender = sender
 
 
 def send_html(group: str, html: str) -> None:

@@ -463,6 +463,7 @@ class PinecallBridge:
     """One Pinecall connection for one agent, wired to the domain's services."""
 
     def __init__(self) -> None:
+        self._sender = None  # what `run` installed in notify (`notify.send_through`)
         self.agent_id = settings.PINECALL_AGENT_ID
         self.client: Pinecall | None = None
         self.agent = None
@@ -525,12 +526,29 @@ class PinecallBridge:
         Returns when stopped; raises when the bridge cannot go on (a rejected
         key, a loop that died): the process then exits non-zero.
         """
-        loop = asyncio.get_running_loop()
-        notify.send_through(
-            lambda group, message: loop.call_soon_threadsafe(
-                self._broadcasts.put_nowait, (group, message)
-            )
-        )
+        sender = self._install_sender(asyncio.get_running_loop())
+        try:
+            await self._run()
+        finally:
+            # Cancelled without `stop()` (a crash, a test that failed): no write after
+            # this may hand its fragments to a loop that is gone.
+            notify.send_through(None, replacing=sender)
+
+    def _install_sender(self, loop: asyncio.AbstractEventLoop):
+        """Route this process's group sends through `loop` (`_send_broadcasts`)."""
+
+        def sender(group, message):
+            try:
+                loop.call_soon_threadsafe(self._broadcasts.put_nowait, (group, message))
+            except RuntimeError:  # the loop is closed: this bridge is gone, send directly
+                notify.send_through(None, replacing=sender)
+                notify.send(group, message)
+
+        self._sender = sender
+        notify.send_through(sender)
+        return sender
+
+    async def _run(self) -> None:
         self._spawn(self._send_broadcasts(), vital=True)
         self._spawn(self._report_process(), vital=True)
         if settings.WORKER_HTTP_PORT:
@@ -856,7 +874,8 @@ class PinecallBridge:
             if self._all_stored() and self._broadcasts.empty():
                 break
             await asyncio.sleep(0.1)
-        notify.send_through(None)
+        if self._sender is not None:
+            notify.send_through(None, replacing=self._sender)
         self._stopping.set()
         self._wake.set()
         for task in list(self._tasks):

@@ -362,3 +362,22 @@ async def test_the_worker_serves_its_health_and_metrics(sim, start_worker, setti
     assert 'pinecall_events_stored_total{event="whatsapp.message"}' in body
     assert "pinecall_worker_active 1.0" in body
     await bridge.stop()
+
+
+def test_a_sender_whose_loop_is_gone_steps_aside():
+    """A bridge that ended without `stop()` (a crash, a test that failed mid-way) must not
+    leave later writes handing their fragments to an event loop that is closed."""
+    from conversations import notify
+
+    bridge = PinecallBridge()
+    loop = asyncio.new_event_loop()
+    sender = bridge._install_sender(loop)
+    loop.close()
+    try:
+        notify.send("operators", {"type": "live.html", "html": "<p>after the bridge</p>"})
+        assert notify._sender is None
+        notify.send_through(sender)
+        notify.send_through(None, replacing=lambda group, message: None)  # another's: kept
+        assert notify._sender is sender
+    finally:
+        notify.send_through(None)
