@@ -125,9 +125,13 @@ def _conversation_or_404(pk: int) -> Conversation:
 
 
 def _conversation_context(request: HttpRequest, conversation: Conversation, **extra) -> dict:
+    """The header's and composer's context, from the conversation as read now with its
+    facts (one read: an action's answer shows what the action left)."""
+    facts = selectors.conversation_facts(conversation)
+    conversation = facts.conversation
     return {
         "conversation": conversation,
-        "st": selectors.conversation_state(conversation=conversation, user=request.user),
+        "st": selectors.conversation_state(conversation=conversation, user=request.user, facts=facts),
         "max_length": settings.MESSAGE_MAX_LENGTH,
         **extra,
     }
@@ -255,11 +259,9 @@ def _conversation_action(request: HttpRequest, pk: int, action, *, done: str = "
         action(conversation)
     except REFUSALS as exc:
         status, message = _refusal(exc)
-        conversation = _conversation_or_404(pk)
         return _state_response(
             request, conversation, status=status, toast=message, toast_level="error"
         )
-    conversation = _conversation_or_404(pk)
     return _state_response(request, conversation, toast=done)
 
 
@@ -349,10 +351,8 @@ def send(request: HttpRequest, pk: int) -> HttpResponse:
         )
     except REFUSALS as exc:
         status, error = _refusal(exc)
-        conversation = _conversation_or_404(pk)
         # The composer keeps what was typed, with the reason beside it.
         return _state_response(request, conversation, status=status, error=error, draft=text)
-    conversation = _conversation_or_404(pk)
     bubble = render_to_string("conversations/_message_live.html", {"message": message, "new": True})
     return _state_response(request, conversation, draft="", extra=bubble)
 

@@ -198,3 +198,35 @@ def test_the_worker_claims_pending_commands_once_oldest_first(operator, make_con
     assert services.commands_claim(10) == []
     stored = {c.pk: c for c in Command.objects.all()}
     assert {c.status for c in stored.values()} == {"sent"} and {c.attempts for c in stored.values()} == {1}
+
+
+def test_a_conversations_facts_are_read_in_one_statement_as_the_orm_sees_them(
+    operator, supervisor, make_conversation, django_assert_max_num_queries
+):
+    """`conversation_facts_find` writes its SQL by hand (for speed): every column and
+    fact must come back as the ORM would give it, on SQLite and PostgreSQL alike."""
+    from conversations import selectors
+    from conversations.models import Conversation, HandoffPolicy
+
+    conversation = make_conversation(contact_name="Zoë <b>")
+    take_over = services.conversation_take_over(conversation=conversation, operator=operator)
+    services.command_confirm(command=take_over)
+    pause = services.contact_pause(contact_phone=conversation.contact_phone, operator=supervisor)
+    services.command_confirm(command=services.agent_pause(operator=supervisor))
+    HandoffPolicy.objects.update_or_create(agent_id=conversation.agent_id, defaults={"idle_seconds": 321})
+
+    with django_assert_max_num_queries(2):
+        facts = selectors.conversation_facts_find(conversation.pk)
+    expected = Conversation.objects.get(pk=conversation.pk)
+    for field in Conversation._meta.concrete_fields:
+        assert getattr(facts.conversation, field.attname) == getattr(expected, field.attname), field.name
+    assert facts.conversation.held_since.tzinfo is not None
+    with django_assert_max_num_queries(0):
+        assert facts.conversation.held_by == operator
+        assert facts.conversation.held_by.first_name == "Ana"
+    assert facts.last_session_command == take_over and facts.last_session_command.status == "confirmed"
+    assert facts.contact_command == pause and facts.contact_command.status == "pending"
+    assert facts.contact_paused is False  # not until Pinecall confirms
+    assert facts.agent_paused is True
+    assert facts.idle_seconds == 321
+    assert selectors.conversation_facts_find(conversation.pk + 1000) is None
