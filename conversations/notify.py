@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -265,7 +266,7 @@ def send(group: str, message: dict) -> None:
         return
     try:
         if _published(message):
-            _sync_redis().publish(fanout_channel(group), message["html"])
+            _sync_redis().publish(fanout_channel(group), _payload(message))
             return
         layer = get_channel_layer()
         if layer is not None:
@@ -277,7 +278,7 @@ def send(group: str, message: dict) -> None:
 async def group_send(group: str, message: dict) -> None:
     """`send` from an event loop (the worker's broadcasts, a consumer's own fragments)."""
     if _published(message):
-        await _async_redis().publish(fanout_channel(group), message["html"])
+        await _async_redis().publish(fanout_channel(group), _payload(message))
         return
     layer = get_channel_layer()
     if layer is not None:
@@ -311,8 +312,9 @@ def wake_worker() -> None:
 # (`dashboard.fanout`). The channel layer would store a copy per socket, each
 # popped by its process in a Redis round trip of its own: at 100 sockets, most of
 # the time to their screens. The rules stay: at most once; the database is the
-# record, and a page that reconnects catches up. Everything else (per-viewer
-# renders, closing a socket, waking the worker) stays on the channel layer.
+# record, and a page that reconnects catches up. A state change (each socket then
+# renders its viewer's own header) is published the same way; everything else
+# (closing a socket, waking the worker) stays on the channel layer.
 
 
 def fanout_enabled() -> bool:
@@ -321,8 +323,29 @@ def fanout_enabled() -> bool:
     return settings.LIVE_FANOUT == "pubsub" and bool(settings.REDIS_URL) and backend.startswith("channels_redis.")
 
 
+# Published besides fragments: "the conversation changed, render your viewer's own
+# header" (`conversation.state`), so a confirmation reaches each web process in one
+# PUBLISH instead of a channel-layer copy per socket. No fragment starts with it.
+STATE_MARK = "\x00conversation.state:"
+
+
 def _published(message: dict) -> bool:
-    return message.get("type") == "live.html" and fanout_enabled()
+    return message.get("type") in ("live.html", "conversation.state") and fanout_enabled()
+
+
+def _payload(message: dict) -> str:
+    if message["type"] == "live.html":
+        return message["html"]
+    return STATE_MARK + json.dumps(
+        {"conversation_id": message["conversation_id"], "version": message.get("version", "")}
+    )
+
+
+def state_from_payload(data: str) -> dict | None:
+    """The `conversation.state` event a published payload carries; None for a fragment."""
+    if not data.startswith(STATE_MARK):
+        return None
+    return {"type": "conversation.state", **json.loads(data[len(STATE_MARK):])}
 
 
 def fanout_prefix() -> str:

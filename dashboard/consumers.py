@@ -66,6 +66,10 @@ def _param(params: dict, name: str, kind):
 
 
 class LiveConsumer(AsyncWebsocketConsumer):
+    # The newest state change not yet rendered, and the task rendering them (`state_changed`).
+    _state_wanted: dict | None = None
+    _state_render: asyncio.Future | None = None
+
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -124,6 +128,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
             self.counted = False
             metrics.LIVE_SOCKETS.dec()
         fanout.leave(getattr(self, "groups_joined", []), self)
+        if self._state_render is not None:
+            self._state_render.cancel()
         for group in getattr(self, "groups_joined", []):
             await self.channel_layer.group_discard(group, self.channel_name)
         renewal = _renewals.get(asyncio.get_running_loop())
@@ -172,17 +178,35 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=html)
 
     async def conversation_state(self, event):
-        """The conversation changed: this viewer's own header and composer.
-
-        Rendered on a thread of the pool, not on the one thread that every sync view
-        of this process shares: the state confirming an operator's action must not
-        wait behind the POST that asked for it (or behind anybody's page).
-        """
-        html = await database_sync_to_async(rendering.conversation_state_for_viewer, thread_sensitive=False)(
-            event["conversation_id"], self.user, event.get("version", "")
-        )
+        """The conversation changed (over the channel layer): this viewer's own header."""
+        html = await self._render_state(event)
         if html:
             await self.send(text_data=html)
+
+    def state_changed(self, event) -> None:
+        """The conversation changed (from the fan-out): this viewer's own header, rendered
+        in a task of this socket's, one at a time and the newest change last."""
+        self._state_wanted = event
+        if self._state_render is None or self._state_render.done():
+            self._state_render = asyncio.ensure_future(self._render_wanted_states())
+
+    async def _render_wanted_states(self) -> None:
+        while self._state_wanted is not None:
+            event, self._state_wanted = self._state_wanted, None
+            try:
+                html = await self._render_state(event)
+                if html:
+                    await self.deliver(html)
+            except Exception:  # the next change, or a reconnect's catch-up, brings it
+                logger.warning("could not render the state of conversation %s", event.get("conversation_id"), exc_info=True)
+
+    async def _render_state(self, event) -> str:
+        """Rendered on a thread of the pool, not on the one thread that every sync view
+        of this process shares: the state confirming an operator's action must not
+        wait behind the POST that asked for it (or behind anybody's page)."""
+        return await database_sync_to_async(rendering.conversation_state_for_viewer, thread_sensitive=False)(
+            event["conversation_id"], self.user, event.get("version", "")
+        )
 
     async def live_revoked(self, event):
         """This person's access changed: close, unless it names another login session."""

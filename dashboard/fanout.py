@@ -2,7 +2,8 @@
 
 One Redis pub/sub subscription per process and event loop, to every group's
 channel at once (a pattern); a published fragment is written to each of this
-process's sockets in that group, in memory. Consumers `join` their groups on
+process's sockets in that group, in memory, and a published state change
+(`notify.STATE_MARK`) asks each of them to render its viewer's own header. Consumers `join` their groups on
 connect (after the subscription is confirmed, so nothing published after the
 join is missed) and `leave` on disconnect.
 
@@ -113,6 +114,12 @@ class Fanout:
                 logger.warning("live fan-out: could not renew the groups listened to (%s)", error)
 
     async def _deliver(self, group: str, html: str) -> None:
+        state = notify.state_from_payload(html)
+        if state is not None:
+            # Each viewer renders its own (on the pool, in its own task): none waits for another.
+            for consumer in list(self.members.get(group, ())):
+                consumer.state_changed(state)
+            return
         for consumer in list(self.members.get(group, ())):
             try:
                 await consumer.deliver(html)

@@ -48,13 +48,17 @@ def proxied(settings, redis_url):
 
 
 class Socket:
-    """What the fan-out needs of a consumer: `deliver(html)`."""
+    """What the fan-out needs of a consumer: `deliver(html)` and `state_changed(event)`."""
 
     def __init__(self) -> None:
         self.frames: asyncio.Queue[str] = asyncio.Queue()
+        self.states: asyncio.Queue[dict] = asyncio.Queue()
 
     async def deliver(self, html: str) -> None:
         await self.frames.put(html)
+
+    def state_changed(self, event: dict) -> None:
+        self.states.put_nowait(event)
 
     async def next(self) -> str:
         return await asyncio.wait_for(self.frames.get(), 5)
@@ -84,19 +88,28 @@ async def test_a_fragment_reaches_every_socket_of_its_group_once(proxied):
     assert await b.next() == "<p id='two'></p>" and a.frames.empty()
 
 
-async def test_other_messages_stay_on_the_channel_layer(proxied):
-    """Per-viewer renders and closing a socket are not fragments: the layer carries them."""
+async def test_a_state_change_is_published_and_closing_a_socket_stays_on_the_channel_layer(proxied):
+    """"Render your own header" reaches each socket of the group through the fan-out, in
+    one PUBLISH; closing a socket is not a fragment: the channel layer carries it."""
     from channels.layers import channel_layers, get_channel_layer
 
     channel_layers.backends.clear()
     layer = get_channel_layer()
     channel = await layer.new_channel()
     await layer.group_add("conversation-3", channel)
-    socket = Socket()
-    await fanout.join(["conversation-3"], socket)
-    await notify.group_send("conversation-3", {"type": "conversation.state", "conversation_id": 3})
-    assert (await asyncio.wait_for(layer.receive(channel), 5))["type"] == "conversation.state"
-    assert socket.frames.empty()
+    await layer.group_add("user-3", channel)
+    socket, other = Socket(), Socket()
+    await fanout.join(["conversation-3", "user-3"], socket)
+    await fanout.join(["conversation-4"], other)
+    await notify.group_send("conversation-3", {"type": "conversation.state", "conversation_id": 3, "version": "v7"})
+    assert await asyncio.wait_for(socket.states.get(), 5) == {
+        "type": "conversation.state", "conversation_id": 3, "version": "v7"
+    }
+    await notify.group_send("user-3", {"type": "live.revoked", "session_key": ""})
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["type"] == "live.revoked"
+    await notify.group_send("conversation-4", {"type": "live.html", "html": "<p id='after'></p>"})
+    assert await other.next() == "<p id='after'></p>"  # published after the state change
+    assert socket.frames.empty() and socket.states.empty() and other.states.empty()
     await layer.flush()
     channel_layers.backends.clear()
 
