@@ -140,9 +140,10 @@ def _audits_refusals(action: str | Callable[..., str]):
     return decorate
 
 
-def _locked(conversation: Conversation) -> Conversation:
-    """The conversation's row, locked for the rest of the transaction."""
-    return Conversation.objects.select_for_update().get(pk=conversation.pk)
+def _locked(conversation: Conversation | int) -> Conversation:
+    """The conversation's row (or the one with this pk), locked for the rest of the transaction."""
+    pk = conversation if isinstance(conversation, int) else conversation.pk
+    return Conversation.objects.select_for_update().get(pk=pk)
 
 
 def _enqueue(*, audit_action: str, operator, conversation=None, **command_fields) -> Command:
@@ -538,7 +539,8 @@ def command_requeue(*, command: Command) -> None:
 @transaction.atomic
 def command_confirm(*, command: Command) -> Command:
     """Pinecall confirmed the command: apply its effect and tell operators."""
-    command = Command.objects.select_for_update().get(pk=command.pk)
+    # With its operator (named in the timeline's divider); only the command's row is locked.
+    command = Command.objects.select_for_update(of=("self",)).select_related("operator").get(pk=command.pk)
     if command.status == Command.Status.CONFIRMED:
         return command
     now = timezone.now()
@@ -592,7 +594,7 @@ def command_fail(*, command: Command, code: str, message: str) -> Command:
 def _apply_confirmed(command: Command) -> None:
     Kind, Scope = Command.Kind, Command.Scope
     if command.scope == Scope.SESSION and command.conversation_id:
-        conversation = _locked(command.conversation)
+        conversation = _locked(command.conversation_id)
         if command.kind == Kind.PAUSE:
             _set_session_paused(conversation, True)
             if command.operator_id and conversation.held_by_id == command.operator_id:
