@@ -199,12 +199,14 @@ def _notify(notify: Callable, args: tuple, kwargs: dict) -> None:
 
 
 @contextmanager
-def coalesced():
+def coalesced(*, rows_later: set[int] | None = None):
     """Gather the notifications of many writes and send each distinct one once.
 
     The worker stores events in batches: a burst of fifty messages in one
     conversation then moves its inbox row once, not fifty times. Order of
     first appearance is kept; objects are rendered as they are at the end.
+    With `rows_later`, the inbox rows that moved are added to it instead of sent:
+    the caller sends them (`inbox_rows_moved`) once the other fragments are out.
     """
     pending: dict = {}
     rows: set[int] = set()
@@ -230,11 +232,18 @@ def coalesced():
                         send_html(group, render())
                     except Exception:
                         logger.exception("could not send a fragment to %s", group)
-        if rows:
-            try:
-                _emit("inbox_rows", rows)
-            except Exception:
-                logger.exception("could not send the inbox rows")
+        if rows and rows_later is not None:
+            rows_later.update(rows)
+        elif rows:
+            inbox_rows_moved(rows)
+
+
+def inbox_rows_moved(conversation_ids: set[int]) -> None:
+    """These conversations' inbox rows, read fresh and sent (and the tabs' counts)."""
+    try:
+        _emit("inbox_rows", conversation_ids)
+    except Exception:
+        logger.exception("could not send the inbox rows")
 
 
 # ---------------------------------------------------------------- how

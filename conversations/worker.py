@@ -75,6 +75,8 @@ OUTBOX_BATCH = 200
 # pays a fixed price after its commit (the newest page of inbox rows, the tab
 # counts), which larger batches share among more messages.
 INGEST_BATCH = 2000
+# How long a write's inbox rows wait for its other fragments to be published.
+ROWS_WAIT_SECONDS = 0.05
 HEARTBEAT_SECONDS = 5.0
 HANDOFF_TICK_SECONDS = 1.0
 # After losing the lock, how long the worker keeps its Pinecall connection
@@ -198,7 +200,9 @@ class ReplyAnchors:
         return message_id, seen[text]
 
 
-def store_batch(events: list, agent_id: str, *, spool_id: str = "", seq: int = 0) -> None:
+def store_batch(
+    events: list, agent_id: str, *, spool_id: str = "", seq: int = 0, rows_later: set[int] | None = None
+) -> None:
     """Store events in one transaction, with how far the spool is stored.
 
     The fast path takes no savepoints (each is two more round trips before the
@@ -208,8 +212,9 @@ def store_batch(events: list, agent_id: str, *, spool_id: str = "", seq: int = 0
     event at a time, each in its savepoint, so a refused event goes to the
     dead letters alone. A database outage raises (the caller keeps the batch
     and tries again), so nothing is given up because the database was away.
+    With `rows_later`, the inbox rows are left to the caller (`notify.coalesced`).
     """
-    with notify.coalesced():
+    with notify.coalesced(rows_later=rows_later):
         try:
             with transaction.atomic():
                 for run in _set_wise_runs(events):
@@ -239,6 +244,12 @@ def _cursor_set(spool_id: str, seq: int) -> None:
         return
     if not IngestCursor.objects.filter(spool_id=spool_id).update(seq=seq, updated_at=timezone.now()):
         IngestCursor.objects.create(spool_id=spool_id, seq=seq)
+
+
+def _confirm(command: Command, *, rows_later: set[int]) -> Command:
+    """`services.command_confirm`, its inbox rows left to the caller (`notify.coalesced`)."""
+    with notify.coalesced(rows_later=rows_later):
+        return services.command_confirm(command=command)
 
 
 def cursor_get(spool_id: str) -> int:
@@ -836,7 +847,11 @@ class PinecallBridge:
                 continue
             self._follow(event)
             events.append(event)
-        await self._with_database(store_batch, events, self.agent_id, spool_id=spool_id, seq=records[-1][0])
+        rows: set[int] = set()
+        await self._with_database(
+            store_batch, events, self.agent_id, spool_id=spool_id, seq=records[-1][0], rows_later=rows
+        )
+        await self._inbox_rows_after_the_rest(rows)
         for event in events:
             metrics.EVENTS_STORED.labels(event.event).inc()
         metrics.INGEST_LAG.set(max(0.0, time.time() - records[-1][2]))
@@ -859,6 +874,28 @@ class PinecallBridge:
                 await notify.group_send(group, message)
             except Exception as error:  # Redis down: browsers catch up from the database
                 logger.warning("could not notify group %s: %s", group, error)
+            finally:
+                self._broadcasts.task_done()
+
+    async def _inbox_rows_after_the_rest(self, rows: set[int]) -> None:
+        """The inbox rows a write moved, once what it sent before them is published.
+
+        Reading and rendering them (and the tabs' counts) is most of what a change
+        costs after its commit; on the ORM thread beside the event loop it held the
+        interpreter while the loop waited to publish the fragment that operators are
+        looking at (the new message, the confirmed header). Waiting is bounded: a
+        slow Redis delays the rows, never the storing, by more than that.
+        """
+        if not rows:
+            return
+        try:
+            await asyncio.wait_for(self._broadcasts.join(), ROWS_WAIT_SECONDS)
+        except TimeoutError:
+            pass
+        try:
+            await _db(notify.inbox_rows_moved)(rows)
+        except Exception as error:  # the database went away meanwhile: pages catch up
+            logger.warning("could not send %d inbox rows: %s", len(rows), error)
 
     def _all_stored(self) -> bool:
         if self.spool is None:
@@ -1042,7 +1079,9 @@ class PinecallBridge:
             metrics.COMMANDS.labels(command.kind, "failed").inc()
             return
         # Pinecall did it: the answer is recorded even if the database has to come back first.
-        await self._with_database(services.command_confirm, command=command)
+        rows: set[int] = set()
+        await self._with_database(_confirm, command, rows_later=rows)
+        await self._inbox_rows_after_the_rest(rows)
         logger.info("command %s %s confirmed", command.pk, command)
         metrics.COMMANDS.labels(command.kind, "confirmed").inc()
         if command.kind == Command.Kind.RESUME and command.scope == Command.Scope.AGENT:
