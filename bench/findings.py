@@ -57,33 +57,38 @@ TITLES = {
 # 2026-11-21 runs on this 2-core machine; the generated numbers above are the latest).
 MISSED: dict[str, str] = {
     "fanout_n1": """
-**This round (2026-12-02, commits f0fe1c6..0daf3c9).** The one-message batch now
-takes 8 SQL statements instead of 17 before its commit: no savepoints on the fast
-path (a refused batch is stored again one event at a time, each in its savepoint),
-the spool cursor in one `UPDATE`, and the inbox columns in one
-`UPDATE … FROM UNNEST(…)` (`conversations/bulk.py`) instead of Django's
-`CASE WHEN` `bulk_update` (the slowest statement of the path). A conversation's
-line is rendered only while some page has it open (each web process announces the
-groups it has sockets in, `notify.listened`). Measured: p50 19.2 -> 14.4 ms at N=1.
+**This round (2026-12-02, second session, commits 3a8df3b..9aa0029).** p50 14.4 -> 10.5-12.8
+ms at N=1 over three passes. A write's inbox rows (a read, about 1 ms of template per
+row, the tabs' counts) are now read and rendered after the write's other fragments
+are published (`PinecallBridge._inbox_rows_after_the_rest`, a wait bounded at
+50 ms): on the ORM thread beside the event loop they held the interpreter while the
+loop waited to publish the new message's bubble.
 
-**Where the time goes now**, measured on this machine with the stack idle: every
-PostgreSQL statement is a round trip of 0.5-0.7 ms here (psycopg over 127.0.0.1),
-so the 8 statements and the commit are ~5.5 ms, with ~2 ms of ORM Python on top:
-the row is committed ~8 ms after the worker takes the event, and the fragment is
-on the socket ~4 ms later (render, hand-off to the event loop, PUBLISH, Daphne).
+**Earlier this round (commits f0fe1c6..0daf3c9).** The one-message batch takes 8 SQL
+statements instead of 17 before its commit: no savepoints on the fast path (a refused
+batch is stored again one event at a time, each in its savepoint), the spool cursor in
+one `UPDATE`, and the inbox columns in one `UPDATE … FROM UNNEST(…)`
+(`conversations/bulk.py`) instead of Django's `CASE WHEN` `bulk_update`. A
+conversation's line is rendered only while some page has it open (each web process
+announces the groups it has sockets in, `notify.listened`). p50 19.2 -> 14.4 ms.
 
-**What would close it:** fewer round trips still: the repeats check and the lock
-in one statement, the handoff policy kept by the worker with a change notice
-instead of read per batch, and psycopg's pipeline mode for the independent
-reads; the 5 ms target is below what one committed transaction of this size costs
-on this machine (BEGIN + 6 statements + COMMIT at ~0.6 ms each), so it stays missed
-while every message is committed before any screen shows it.
+**Where the time goes now**, measured on this machine with the stack idle: the 8
+statements and the commit cost ~5.5 ms (psycopg round trips plus the ORM's Python),
+the row is committed ~8 ms after the worker takes the event, and the bubble is on
+the socket 2-4 ms later (render, hand-off to the event loop, PUBLISH, Daphne).
+
+**What would close it:** fewer round trips still: the repeats check and the lock in
+one statement, the handoff policy kept by the worker with a change notice instead of
+read per batch, psycopg's pipeline mode for the independent reads. The 5 ms target is
+below what one committed transaction of this size costs on this machine, so it stays
+missed while every message is committed before any screen shows it.
 """,
     "fanout_n100": """
-See Fan-out at N=1: the transport at N=100 is ~10-12 ms p50 (the transport floor
-~9-10 ms: the harness reads 100 sockets in one Python process, and Daphne frames
-the fragment once per socket); the rest is the same constant worker path. p99 at
-N=100 was 31-48 ms in this run's two passes (target 40). Framing the fragment once
+p50 29.4 -> 20.5-22.4 ms over three passes, **p99 30-31 ms (target 40: met)**; the
+p50 target (15 ms) is still missed. The transport alone (the transport floor, one
+PUBLISH fanned out in memory) is ~8-9 ms p50 at N=100 here: the harness reads 100
+sockets in one Python process, and Daphne frames the fragment once per socket. The
+rest is the worker's constant path (see Fan-out at N=1). Framing the fragment once
 per process and writing the same bytes to every socket would lower Daphne's share.
 """,
     "scale": """
@@ -101,13 +106,10 @@ by one task per process for all its open pages (one Redis pipeline every 15 s,
 `consumers.PresenceRenewal`) instead of a task per socket.
 """,
     "worker_idle": """
-**Caution:** the 0.9 % in the table was measured with the handoff clock ticking
-every 2 s. That change was reverted after the run (42fc8fe) because the idle
-hand-back's test depends on the 1 s tick. With the 1 s tick, earlier runs measured
-~1.0 %, so the target is not shown to be met on the current code. What is left:
-the clock's one query per second, the heartbeat and the process row every 5 s, and
-the outbox poll every 2 s (wake-ups come over the channel layer, so the poll could
-be 10 s).
+Measured at 0.75-0.95 % of a core over three passes on the current code (the handoff
+clock ticking every second). When it is over 1 %, what is left is the clock's one
+query per second, the heartbeat and the process row every 5 s, and the outbox poll
+every 2 s (wake-ups come over the channel layer, so the poll could be 10 s).
 """,
     "ingest": """
 **This round: 328 -> 2,661 messages/s (target met), count exact.** Profiled first:
@@ -127,32 +129,37 @@ Steps measured in this session: 412-664/s (1, 2), 1,157-1,462/s (3), 2,049/s (4)
 2,661/s in the full run.
 """,
     "round_trip_take_over": """
-**This round:** take over p50 96 -> 78 ms, send 62 -> 56 ms (both still missed).
-A viewer's own header after a change is now rendered on a thread of the pool, not
-on the one thread every sync view of the Daphne process shares (B's confirmed
-state waited behind A's whole POST); a conversation's facts are read in two
-queries instead of seven; commands are claimed (marked sent) in one
-`UPDATE … RETURNING`.
+**This round (second session):** take over p50 78 -> 55 ms, send 56 -> 42 ms (both
+still missed; quick runs of the same code ranged 44-63 ms). Traced with timestamps in
+Daphne and the worker, a take over was: the POST's transaction ~10 ms, the worker
+woken ~1 ms later, the pause at the simulator ~3 ms after that, then the
+confirmation's transaction ~13-20 ms (slowed by Daphne rendering on the other core),
+then B's header. What changed:
+1. a conversation's facts are read by one hand-written statement (the ORM spent 3 of
+   its 4 ms compiling the five subqueries: 4.4 -> 0.9 ms per read, and every viewer's
+   render of every change and every action's answer starts there); an action's answer
+   reads the conversation once, with its facts, instead of three times;
+2. a state change reaches each web process in one PUBLISH through the fan-out (it
+   went through the channel layer, a copy per socket popped by its own Redis round
+   trip: ~6 ms), and each socket renders its viewer's header in a task of its own;
+3. the state change is published before the conversation is read for its inbox row,
+   and in the worker the inbox rows wait until it is out (see Fan-out at N=1);
+4. the confirmation locks the conversation by id and reads its operator with the
+   command: two statements fewer.
 
-**Where the time goes** (steps in latest.json, p50 from A's POST): the pause reaches
-the simulator ~35 ms after the POST starts (Django's request: session, permissions,
-the lock, claim, outbox and audit rows, the commit, then the wake-up), and B's
-confirmed header comes ~40 ms after that (the worker's confirmation transaction,
-the `conversation.state` hop through the channel layer, B's render). Each hop is
-a few PostgreSQL round trips at ~0.6 ms and a thread hand-off, on two cores shared
-with the POST's own post-commit renders.
-
-**What would fix it:** broadcast the confirmed header itself from the worker through
-the fan-out (one PUBLISH) and let app.js pick the per-user parts from `data-held-by`
-against the page's user id, removing B's channel-layer hop and render; send the
-pause before the POST's inbox-row and count renders (today they run in the request
-before its answer, on the same cores).
+**What would fix the rest:** the POST still renders the inbox row and the counts for
+everybody before it answers (~10 ms of Daphne's one interpreter, beside B's render):
+hand them to the worker, which already renders rows for its own writes; fewer
+statements in the take over and its confirmation (11 and 9, ~0.6 ms each plus the
+ORM); render the confirmed header once per variant (holder, other operator, viewer)
+in the worker instead of once per socket.
 """,
     "round_trip_send": """
 Same path as Take over, without the header re-render for the sender's bubble: the
 POST stores the message, outbox and audit rows and renders the pending bubble; the
 worker sends `session.send`; the confirmation re-renders the bubble for every viewer.
-p50 107 ms in the first run, 56 ms now. The fixes listed for Take over apply.
+p50 107 ms in the first run, 56 ms last round, 42 ms now. The fixes listed for Take
+over apply.
 """,
 }
 
@@ -171,7 +178,8 @@ OTHER = """
   61.7 -> ~40 ms); inbox search scanning every message (trigram GIN indexes on
   `UPPER(text)`, name and phone, PostgreSQL only); the redundant message indexes.
 - **No request per viewer per change** any more: a conversation's change reaches its
-  sockets as one `conversation.state` event; each socket renders its viewer's header
+  sockets as one `conversation.state` event (one PUBLISH per change through the
+  fan-out, since the second session of 2026-12-02); each socket renders its viewer's header
   and composer in its Daphne process from facts read once per process and change
   (before: every browser GET `/c/<pk>/state/`, 8 queries each).
 - Memory is fine: ~41 KB per idle socket, and 1,000 sockets stayed open through a
