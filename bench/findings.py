@@ -92,13 +92,17 @@ rest is the worker's constant path (see Fan-out at N=1). Framing the fragment on
 per process and writing the same bytes to every socket would lower Daphne's share.
 """,
     "scale": """
-**This round.** p99 311 -> 165 ms (target 200 met), p50 135 -> 113 ms: an inbox row's
-viewer mark read the user row of every viewer (1,000 here) to name nine; it now reads
-a dozen (`selectors.conversation_viewers`, `NAMED_VIEWERS`), and the rest are a
-count. The ratio to the floor (1.68x its p99; 0.99x the transport floor's p99) is
-still over 1.5x: with 40 samples the p99 is the worst one or two, and what is left
-is the worker's constant path (see Fan-out at N=1) plus each Daphne framing the
-fragment 500 times in autobahn. Frame once per process and write the same bytes.
+**This run (second session of 2026-12-02):** p99 154-162 ms over the three passes (target
+200: met), p50 107-108 ms. The ratio to the floor is not stable enough to judge here:
+the floor's own p99 was 209, 76 and 76 ms in the three passes (ratios 0.74x, 2.1x,
+2.1x); the table shows the quietest pass. With 40 samples a p99 is the worst one or
+two. What is left above the floor is the worker's constant path (see Fan-out at N=1)
+plus each Daphne framing the fragment 500 times in autobahn: frame once per process
+and write the same bytes to every socket.
+
+**Last round:** p99 311 -> 165 ms: an inbox row's viewer mark read the user row of
+every viewer (1,000 here) to name nine; it now reads a dozen
+(`selectors.conversation_viewers`, `NAMED_VIEWERS`), and the rest are a count.
 """,
     "scale_memory": """
 Met this round (56.7 -> 44.1 KB per idle conversation socket): presence is renewed
