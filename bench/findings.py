@@ -60,7 +60,7 @@ MISSED: dict[str, str] = {
 **This round (2026-12-02, second session, commits 3a8df3b..9aa0029).** p50 14.4 -> 10.5-12.8
 ms at N=1 over three passes. A write's inbox rows (a read, about 1 ms of template per
 row, the tabs' counts) are now read and rendered after the write's other fragments
-are published (`PinecallBridge._inbox_rows_after_the_rest`, a wait bounded at
+are published (`PinecallBridge._write_then_rows`, a wait bounded at
 50 ms): on the ORM thread beside the event loop they held the interpreter while the
 loop waited to publish the new message's bubble.
 

@@ -7,6 +7,7 @@ conversation shows only its newest messages, with older ones fetched on demand.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -351,31 +352,39 @@ def _columns(model, alias: str) -> str:
     return ", ".join(f'{alias}."{field.column}"' for field in model._meta.concrete_fields)
 
 
-_converters_by_model: dict = {}
+@functools.cache
+def _converters(model) -> list[list[tuple]]:
+    """Per column of `_columns(model)`: the (converter, column) pairs the ORM applies."""
+    converters = []
+    for field in model._meta.concrete_fields:
+        column = field.get_col(model._meta.db_table)
+        found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        converters.append([(converter, column) for converter in found])
+    return converters
 
 
 def _instance(model, values):
     """A model instance from a row of `_columns(model)`, converted as the ORM would
     (SQLite gives datetimes as text)."""
-    converters = _converters_by_model.get(model)
-    if converters is None:
-        converters = []
-        for field in model._meta.concrete_fields:
-            column = field.get_col(model._meta.db_table)
-            found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
-            converters.append([(converter, column) for converter in found])
-        _converters_by_model[model] = converters
     converted = []
-    for value, field_converters in zip(values, converters):
+    for value, field_converters in zip(values, _converters(model)):
         for converter, column in field_converters:
             value = converter(value, column, connection)
         converted.append(value)
     return model.from_db(connection.alias, [field.attname for field in model._meta.concrete_fields], converted)
 
 
-_FACTS_SQL_CACHE: dict[str, str] = {}
+_FACTS_VALUES = {
+    "session": Command.Scope.SESSION.value,
+    "contact": Command.Scope.CONTACT.value,
+    "pause": Command.Kind.PAUSE.value,
+    "resume": Command.Kind.RESUME.value,
+    "pending": Command.Status.PENDING.value,
+    "sent": Command.Status.SENT.value,
+}
 
 
+@functools.cache
 def _facts_sql() -> str:
     """The conversation, its holder and the facts' scalars in one statement.
 
@@ -384,45 +393,32 @@ def _facts_sql() -> str:
     viewer's render of every change starts here. Portable SQL (SQLite and
     PostgreSQL); the columns come from the models, so a migration cannot skew it.
     """
-    sql = _FACTS_SQL_CACHE.get("sql")
-    if sql is None:
-        conversation, user = Conversation._meta.db_table, get_user_model()._meta.db_table
-        command, pause = Command._meta.db_table, ContactPause._meta.db_table
-        agent, policy = AgentState._meta.db_table, HandoffPolicy._meta.db_table
-        sql = f"""
-            SELECT {_columns(Conversation, "c")}, {_columns(get_user_model(), "u")},
-              (SELECT k.id FROM {command} k WHERE k.conversation_id = c.id
-                 AND k.scope = %(session)s AND k.kind IN (%(pause)s, %(resume)s)
-               ORDER BY k.id DESC LIMIT 1),
-              (SELECT k.id FROM {command} k WHERE k.agent_id = c.agent_id
-                 AND k.contact_phone = c.contact_phone AND k.scope = %(contact)s
-                 AND k.status IN (%(pending)s, %(sent)s)
-               ORDER BY k.id DESC LIMIT 1),
-              EXISTS (SELECT 1 FROM {pause} p WHERE p.agent_id = c.agent_id
-                        AND p.contact_phone = c.contact_phone),
-              EXISTS (SELECT 1 FROM {agent} a WHERE a.agent_id = c.agent_id AND a.ai_paused),
-              (SELECT h.idle_seconds FROM {policy} h WHERE h.agent_id = c.agent_id LIMIT 1)
-            FROM {conversation} c LEFT JOIN {user} u ON u.id = c.held_by_id
-            WHERE c.id = %(pk)s
+    conversation, user = Conversation._meta.db_table, get_user_model()._meta.db_table
+    command, pause = Command._meta.db_table, ContactPause._meta.db_table
+    agent, policy = AgentState._meta.db_table, HandoffPolicy._meta.db_table
+    return f"""
+        SELECT {_columns(Conversation, "c")}, {_columns(get_user_model(), "u")},
+          (SELECT k.id FROM {command} k WHERE k.conversation_id = c.id
+             AND k.scope = %(session)s AND k.kind IN (%(pause)s, %(resume)s)
+           ORDER BY k.id DESC LIMIT 1),
+          (SELECT k.id FROM {command} k WHERE k.agent_id = c.agent_id
+             AND k.contact_phone = c.contact_phone AND k.scope = %(contact)s
+             AND k.status IN (%(pending)s, %(sent)s)
+           ORDER BY k.id DESC LIMIT 1),
+          EXISTS (SELECT 1 FROM {pause} p WHERE p.agent_id = c.agent_id
+                    AND p.contact_phone = c.contact_phone),
+          EXISTS (SELECT 1 FROM {agent} a WHERE a.agent_id = c.agent_id AND a.ai_paused),
+          (SELECT h.idle_seconds FROM {policy} h WHERE h.agent_id = c.agent_id LIMIT 1)
+        FROM {conversation} c LEFT JOIN {user} u ON u.id = c.held_by_id
+        WHERE c.id = %(pk)s
         """
-        _FACTS_SQL_CACHE["sql"] = sql
-    return sql
 
 
 def conversation_facts_find(pk: int) -> ConversationFacts | None:
     """The conversation and its facts in two queries (one when no command is involved);
     None when it is gone. A change's renders for every viewer start here."""
-    params = {
-        "pk": pk,
-        "session": Command.Scope.SESSION.value,
-        "contact": Command.Scope.CONTACT.value,
-        "pause": Command.Kind.PAUSE.value,
-        "resume": Command.Kind.RESUME.value,
-        "pending": Command.Status.PENDING.value,
-        "sent": Command.Status.SENT.value,
-    }
     with connection.cursor() as cursor:
-        cursor.execute(_facts_sql(), params)
+        cursor.execute(_facts_sql(), {**_FACTS_VALUES, "pk": pk})
         row = cursor.fetchone()
         if row is None:
             return None

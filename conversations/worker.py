@@ -847,11 +847,7 @@ class PinecallBridge:
                 continue
             self._follow(event)
             events.append(event)
-        rows: set[int] = set()
-        await self._with_database(
-            store_batch, events, self.agent_id, spool_id=spool_id, seq=records[-1][0], rows_later=rows
-        )
-        await self._inbox_rows_after_the_rest(rows)
+        await self._write_then_rows(store_batch, events, self.agent_id, spool_id=spool_id, seq=records[-1][0])
         for event in events:
             metrics.EVENTS_STORED.labels(event.event).inc()
         metrics.INGEST_LAG.set(max(0.0, time.time() - records[-1][2]))
@@ -877,8 +873,9 @@ class PinecallBridge:
             finally:
                 self._broadcasts.task_done()
 
-    async def _inbox_rows_after_the_rest(self, rows: set[int]) -> None:
-        """The inbox rows a write moved, once what it sent before them is published.
+    async def _write_then_rows(self, write: Callable, *args, **kwargs) -> None:
+        """`write(..., rows_later=…)` until the database answers; then the inbox rows it
+        moved, once what it sent before them is published.
 
         Reading and rendering them (and the tabs' counts) is most of what a change
         costs after its commit; on the ORM thread beside the event loop it held the
@@ -886,6 +883,8 @@ class PinecallBridge:
         looking at (the new message, the confirmed header). Waiting is bounded: a
         slow Redis delays the rows, never the storing, by more than that.
         """
+        rows: set[int] = set()
+        await self._with_database(write, *args, rows_later=rows, **kwargs)
         if not rows:
             return
         try:
@@ -1079,9 +1078,7 @@ class PinecallBridge:
             metrics.COMMANDS.labels(command.kind, "failed").inc()
             return
         # Pinecall did it: the answer is recorded even if the database has to come back first.
-        rows: set[int] = set()
-        await self._with_database(_confirm, command, rows_later=rows)
-        await self._inbox_rows_after_the_rest(rows)
+        await self._write_then_rows(_confirm, command)
         logger.info("command %s %s confirmed", command.pk, command)
         metrics.COMMANDS.labels(command.kind, "confirmed").inc()
         if command.kind == Command.Kind.RESUME and command.scope == Command.Scope.AGENT:

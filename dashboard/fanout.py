@@ -3,9 +3,9 @@
 One Redis pub/sub subscription per process and event loop, to every group's
 channel at once (a pattern); a published fragment is written to each of this
 process's sockets in that group, in memory, and a published state change
-(`notify.STATE_MARK`) asks each of them to render its viewer's own header. Consumers `join` their groups on
-connect (after the subscription is confirmed, so nothing published after the
-join is missed) and `leave` on disconnect.
+(`notify.STATE_MARK`) asks each of them to render its viewer's own header.
+Consumers `join` their groups on connect (after the subscription is confirmed,
+so nothing published after the join is missed) and `leave` on disconnect.
 
 At most once, like the channel layer: when Redis goes away the subscription is
 made again (with a growing pause) and what was published meanwhile is lost; the
