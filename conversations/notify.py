@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -30,7 +31,8 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
-from asgiref.sync import async_to_sync
+from asgiref.sync import SyncToAsync, async_to_sync
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
@@ -80,6 +82,36 @@ def message_changed(message) -> None:
 def conversation_changed(conversation) -> None:
     """Who holds it, whether it is paused or ended: its header and its inbox row."""
     _emit("conversation_changed", conversation)
+
+
+def conversation_awaiting(conversation, command) -> None:
+    """A take over or hand back has asked Pinecall and waits for its answer.
+
+    Pinecall's confirmation tells every viewer (`conversation_changed`, from the
+    worker), usually tens of milliseconds later. Telling them of the wait too would
+    render every viewer's header and the inbox row twice per action, the first time
+    in the very window the confirmation needs the CPU, and flash "taking over…" for
+    an instant. So the others hear of the wait only if it is still open after
+    `LIVE_PENDING_GRACE_SECONDS` (a slow Pinecall, a worker that is down). The
+    operator who acted sees it at once: their POST's answer shows it.
+    """
+    grace = settings.LIVE_PENDING_GRACE_SECONDS
+    if grace <= 0:
+        conversation_changed(conversation)
+    else:
+        _later(grace, _announce_if_awaiting, conversation.pk, command.pk)
+
+
+def _announce_if_awaiting(conversation_id: int, command_id: int) -> None:
+    from conversations.models import Command, Conversation
+
+    awaiting = Command.objects.filter(
+        pk=command_id, status__in=(Command.Status.PENDING, Command.Status.SENT)
+    ).exists()
+    if awaiting:
+        conversation = Conversation.objects.filter(pk=conversation_id).first()
+        if conversation is not None:
+            conversation_changed(conversation)
 
 
 def inbox_row_changed(conversation) -> None:
@@ -244,6 +276,49 @@ def inbox_rows_moved(conversation_ids: set[int]) -> None:
         _emit("inbox_rows", conversation_ids)
     except Exception:
         logger.exception("could not send the inbox rows")
+
+
+def _later(delay: float, fn: Callable, *args) -> None:
+    """`fn(*args)` on a thread of the pool in `delay` seconds, or now if this thread
+    has no event loop to wait on (a shell, a sync test).
+
+    On the event loop that serves this request (asgiref's, the one `async_to_sync`
+    sends through), so that its sends take the same path as the request's own. At
+    most once, like everything here: a process that stops first drops the call.
+    """
+    loop = _serving_loop()
+    if loop is None:
+        fn(*args)
+        return
+
+    def start() -> None:
+        task = loop.create_task(database_sync_to_async(fn, thread_sensitive=False)(*args))
+        _later_tasks.add(task)
+        task.add_done_callback(_later_done)
+
+    loop.call_soon_threadsafe(loop.call_later, delay, start)
+
+
+_later_tasks: set[asyncio.Task] = set()
+
+
+def _later_done(task: asyncio.Task) -> None:
+    _later_tasks.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("could not notify operators later", exc_info=task.exception())
+
+
+def _serving_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    # A sync view's thread: asgiref records the loop it came from (and its process).
+    local = SyncToAsync.threadlocal
+    if getattr(local, "main_event_loop_pid", None) != os.getpid():
+        return None
+    loop = getattr(local, "main_event_loop", None)
+    return loop if loop is not None and not loop.is_closed() else None
 
 
 # ---------------------------------------------------------------- how

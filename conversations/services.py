@@ -272,7 +272,10 @@ def conversation_take_over(
             notify.user_notice, holder.pk, "taken_from_you",
             conversation=conversation, by=display_name(operator),
         )
-    notify.after_commit(notify.conversation_changed, conversation)
+        # Taken from someone: they must see it now, not after the grace.
+        notify.after_commit(notify.conversation_changed, conversation)
+    else:
+        notify.after_commit(notify.conversation_awaiting, conversation, command)
     return command
 
 
@@ -381,7 +384,7 @@ def conversation_hand_back(
         agent_id=conversation.agent_id,
         session_id=conversation.session_id,
     )
-    notify.after_commit(notify.conversation_changed, conversation)
+    notify.after_commit(notify.conversation_awaiting, conversation, command)
     return command
 
 

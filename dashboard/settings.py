@@ -151,6 +151,9 @@ else:
 # web process fans out to its own sockets (`dashboard.fanout`); "layer", the channel
 # layer's copy per socket (kept to compare, bench/variants/layer_fanout.py).
 LIVE_FANOUT = env.str("LIVE_FANOUT", default="pubsub")
+# A take over or hand back is shown to the other operators when Pinecall confirms it;
+# if it is still unconfirmed after this long, they are shown that it is waiting.
+LIVE_PENDING_GRACE_SECONDS = env.float("LIVE_PENDING_GRACE_SECONDS", default=0.25)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -193,6 +193,56 @@ async def test_a_service_call_reaches_the_page(ana, ana_cookie):
     await comm.disconnect()
 
 
+async def _header_frames(comm: WebsocketCommunicator, pk: int, until: str) -> list[str]:
+    """This socket's frames up to the first header of conversation `pk` that shows `until`."""
+    received = []
+    while not any(f'id="conv-header-{pk}"' in f and until in f for f in received):
+        received.append(await comm.receive_from(timeout=5))
+    return received
+
+
+async def test_others_see_an_unconfirmed_take_over_after_the_grace(ana, settings):
+    settings.LIVE_PENDING_GRACE_SECONDS = 0.2
+    conversation = await sync_to_async(ConversationFactory)()
+    bruno = await sync_to_async(OperatorFactory)(first_name="Bruno", last_name="Costa")
+    comm = socket(f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}",
+                  await sync_to_async(session_cookie)(bruno))
+    assert (await comm.connect())[0]
+    await receive_until_cursor(comm)
+
+    # Pinecall never answers: after the grace, Bruno is told that Ana is waiting for it.
+    await sync_to_async(services.conversation_take_over)(conversation=conversation, operator=ana)
+    frames = await _header_frames(comm, conversation.pk, 'data-badge="pending"')
+    assert "<bdi>Ana Silva</bdi> is taking over…" in frames[-1]
+    await comm.disconnect()
+
+
+async def test_others_see_a_quickly_confirmed_take_over_only_once_confirmed(ana, settings, monkeypatch):
+    from conversations import notify
+
+    settings.LIVE_PENDING_GRACE_SECONDS = 60  # its timer does not fire in this test: it is called below
+    conversation = await sync_to_async(ConversationFactory)()
+    bruno = await sync_to_async(OperatorFactory)(first_name="Bruno", last_name="Costa")
+    comm = socket(f"/ws/live/?conversation={conversation.pk}&after=0&since={time.time()}",
+                  await sync_to_async(session_cookie)(bruno))
+    assert (await comm.connect())[0]
+    await receive_until_cursor(comm)
+
+    command = await sync_to_async(services.conversation_take_over)(conversation=conversation, operator=ana)
+    await sync_to_async(services.command_confirm)(command=command)
+    frames = await _header_frames(comm, conversation.pk, 'data-badge="other"')
+    assert "<bdi>Ana Silva</bdi> holds this conversation" in frames[-1]
+    # No "taking over…" flashed before it: the confirmation was the first Bruno heard.
+    assert not any('data-badge="pending"' in frame for frame in frames)
+
+    # When the grace is over, a confirmed command is not announced again.
+    announced = []
+    monkeypatch.setattr(notify, "conversation_changed", announced.append)
+    await sync_to_async(notify._announce_if_awaiting)(conversation.pk, command.pk)
+    assert announced == []
+    await comm.disconnect()
+
+
 async def test_a_customer_message_is_pushed_escaped(ana_cookie):
     from conversations import ingest
 
