@@ -37,6 +37,8 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
 
+from conversations import selectors
+
 logger = logging.getLogger(__name__)
 
 OPERATORS_GROUP = "operators"  # every logged-in operator's socket: inbox rows, agent state
@@ -103,15 +105,9 @@ def conversation_awaiting(conversation, command) -> None:
 
 
 def _announce_if_awaiting(conversation_id: int, command_id: int) -> None:
-    from conversations.models import Command, Conversation
-
-    awaiting = Command.objects.filter(
-        pk=command_id, status__in=(Command.Status.PENDING, Command.Status.SENT)
-    ).exists()
-    if awaiting:
-        conversation = Conversation.objects.filter(pk=conversation_id).first()
-        if conversation is not None:
-            conversation_changed(conversation)
+    conversation = selectors.conversation_awaiting_command(conversation_id, command_id)
+    if conversation is not None:
+        conversation_changed(conversation)
 
 
 def inbox_row_changed(conversation) -> None:
@@ -379,14 +375,26 @@ def user_sessions_revoked(user_pk: int, *, session_key: str | None = None) -> No
 
 
 def wake_worker() -> None:
-    """Tell the worker the outbox has something; it also polls, so a lost wake only delays."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
+    """Tell the worker the outbox has something; it also polls, so a lost wake only delays.
+
+    With Redis, one PUBLISH from this thread (the worker listens, `worker_wake_channel`):
+    the channel layer's send would first hop to the event loop and back, and every
+    action's round trip starts with this.
+    """
     try:
-        async_to_sync(layer.send)(WORKER_CHANNEL, {"type": "outbox.wake"})
+        if fanout_enabled():
+            _sync_redis().publish(worker_wake_channel(), "")
+            return
+        layer = get_channel_layer()
+        if layer is not None:
+            async_to_sync(layer.send)(WORKER_CHANNEL, {"type": "outbox.wake"})
     except Exception:
         logger.warning("could not wake the worker; it will find the command on its next poll")
+
+
+def worker_wake_channel() -> str:
+    """Outside the fragments' prefix: web processes never hear it."""
+    return f"wake:{fanout_prefix()}{WORKER_CHANNEL}"
 
 
 # ---------------------------------------------------------------- the fan-out of fragments
@@ -430,6 +438,46 @@ def state_from_payload(data: str) -> dict | None:
     if not data.startswith(STATE_MARK):
         return None
     return {"type": "conversation.state", **json.loads(data[len(STATE_MARK):])}
+
+
+RESUBSCRIBE_MAX_SECONDS = 5.0
+
+
+async def listen(*, subscribe, on_ready, on_message, on_lost) -> None:
+    """Listen on Redis pub/sub for good.
+
+    `await subscribe(pubsub)`; once Redis confirms, `await on_ready()`; then
+    `await on_message(channel, data)` for each message. Redis away: `on_lost(error,
+    delay)`, and all again after `delay`, growing; what was published meanwhile
+    is lost (at most once: the database is the record).
+    """
+    delay = 0.25
+    while True:
+        client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2.0)
+        pubsub = client.pubsub()
+        try:
+            await subscribe(pubsub)
+            # The confirmation: from here on, every PUBLISH reaches this listener.
+            while (await pubsub.get_message(timeout=None)) is None:
+                pass
+            await on_ready()
+            delay = 0.25
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                if message is not None:
+                    await on_message(message["channel"].decode(), message["data"].decode())
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            on_lost(error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESUBSCRIBE_MAX_SECONDS)
+        finally:
+            try:
+                await pubsub.aclose()
+                await client.aclose()
+            except Exception:
+                pass
 
 
 def fanout_prefix() -> str:

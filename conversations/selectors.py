@@ -414,6 +414,12 @@ def _facts_sql() -> str:
         """
 
 
+def conversation_awaiting_command(conversation_id: int, command_id: int) -> Conversation | None:
+    """The conversation, if its operator's command still waits on Pinecall."""
+    awaiting = Command.objects.filter(pk=command_id, status__in=OPEN_COMMAND)
+    return Conversation.objects.filter(Exists(awaiting), pk=conversation_id).first()
+
+
 def conversation_facts_find(pk: int) -> ConversationFacts | None:
     """The conversation and its facts in two queries (one when no command is involved);
     None when it is gone. A change's renders for every viewer start here."""

@@ -562,6 +562,8 @@ class PinecallBridge:
     async def _run(self) -> None:
         self._spawn(self._send_broadcasts(), vital=True)
         self._spawn(self._report_process(), vital=True)
+        if notify.fanout_enabled():
+            self._spawn(self._wakes_from_redis())
         if settings.WORKER_HTTP_PORT:
             self._http = await asyncio.start_server(
                 self._answer_http, "0.0.0.0", settings.WORKER_HTTP_PORT
@@ -932,6 +934,26 @@ class PinecallBridge:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def _wakes_from_redis(self) -> None:
+        """The web processes' wake-ups (`notify.wake_worker`), with Redis; without it they
+        come over the channel layer (`PinecallWorkerConsumer`). Lost ones wait for the poll."""
+
+        async def subscribed() -> None:
+            self.wake()  # whatever was published while this listener was away
+
+        def lost(error: Exception, delay: float) -> None:
+            logger.warning("wake-ups: Redis subscription lost (%s); again in %.2f s", error, delay)
+
+        async def woken(channel: str, data: str) -> None:
+            self.wake()
+
+        await notify.listen(
+            subscribe=lambda pubsub: pubsub.subscribe(notify.worker_wake_channel()),
+            on_ready=subscribed,
+            on_message=woken,
+            on_lost=lost,
+        )
 
     async def _sleep(self, seconds: float) -> None:
         try:

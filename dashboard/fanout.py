@@ -33,8 +33,6 @@ from conversations import notify
 
 logger = logging.getLogger(__name__)
 
-RETRY_MAX_SECONDS = 5.0
-
 
 class Fanout:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -53,36 +51,22 @@ class Fanout:
 
     async def _run(self) -> None:
         prefix = notify.fanout_prefix()
-        delay = 0.25
-        while True:
-            client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2.0)
-            pubsub = client.pubsub()
-            try:
-                await pubsub.psubscribe(prefix + "*")
-                # The confirmation: from here on, every PUBLISH reaches this process.
-                while (await pubsub.get_message(timeout=None)) is None:
-                    pass
-                # Redis may have restarted empty: announce every group again.
-                await self.announce(list(self.members))
-                self.subscribed.set()
-                delay = 0.25
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if message is not None:
-                        await self._deliver(message["channel"][len(prefix):].decode(), message["data"].decode())
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # Redis away: subscribe again; what was sent meanwhile is lost
-                self.subscribed.clear()
-                logger.warning("live fan-out: Redis subscription lost (%s); again in %.2f s", error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
-            finally:
-                try:
-                    await pubsub.aclose()
-                    await client.aclose()
-                except Exception:
-                    pass
+
+        async def subscribed() -> None:
+            # Redis may have restarted empty: announce every group again.
+            await self.announce(list(self.members))
+            self.subscribed.set()
+
+        def lost(error: Exception, delay: float) -> None:
+            self.subscribed.clear()
+            logger.warning("live fan-out: Redis subscription lost (%s); again in %.2f s", error, delay)
+
+        await notify.listen(
+            subscribe=lambda pubsub: pubsub.psubscribe(prefix + "*"),
+            on_ready=subscribed,
+            on_message=lambda channel, data: self._deliver(channel[len(prefix):], data),
+            on_lost=lost,
+        )
 
     async def announce(self, groups: list[str]) -> None:
         """Say (for `notify.LISTENING_TTL`) that this process has sockets in `groups`."""

@@ -56,13 +56,13 @@ def message_changed(message) -> None:
 def conversation_changed(conversation) -> None:
     # Each viewer's header and composer differ (their buttons, "You hold"): every
     # socket renders its own in its Daphne process (`conversation_state_for_viewer`),
-    # from facts read once per process for this change. Told first: it needs no read
-    # here, and it is what the operator who acted waits for.
+    # from facts read once per process for this change. Told first: it is what the
+    # operator who acted waits for. Nothing is read again here: the row is read fresh
+    # with the others (`inbox_rows`), and the holder is the one the change wrote.
     notify.send(
         conversation_group(conversation.pk),
         {"type": "conversation.state", "conversation_id": conversation.pk, "version": uuid.uuid4().hex},
     )
-    conversation = selectors.conversation_find(conversation.pk) or conversation
     notify.inbox_row(conversation)
     if conversation.held_by_id:
         # "Mine" is per person: its count goes to the holder only.

@@ -1,6 +1,7 @@
 """The worker against the simulator over a real socket: events stored, commands carried out."""
 
 import asyncio
+import os
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -381,3 +382,36 @@ def test_a_sender_whose_loop_is_gone_steps_aside():
         assert notify._sender is sender
     finally:
         notify.send_through(None)
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="wake-ups go over Redis only with Redis")
+async def test_with_redis_an_action_wakes_the_worker_without_waiting_for_its_poll(
+    sim, start_worker, operator, monkeypatch
+):
+    from conversations import notify, worker as worker_module
+
+    monkeypatch.setattr(worker_module, "OUTBOX_POLL_SECONDS", 120.0)
+    # Not `start_worker()` (it relays the channel layer's wake-ups too): the bridge alone.
+    bridge = PinecallBridge()
+    running = asyncio.create_task(bridge.run())
+    await asyncio.wait_for(bridge._registered.wait(), 10)
+    redis = notify._async_redis()
+
+    async def listening() -> bool:
+        return dict(await redis.pubsub_numsub(notify.worker_wake_channel())).get(
+            notify.worker_wake_channel().encode(), 0
+        ) > 0
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await listening():
+        assert asyncio.get_running_loop().time() < deadline, "the worker never listened for wake-ups"
+        await asyncio.sleep(0.05)
+    started = await sim.customer_says(phone="34622222222", name="Eva", text="Help")
+    conversation = await eventually(
+        lambda: Conversation.objects.filter(session_id=started["session_id"]).first()
+    )
+    # The bridge has drained and now waits (the poll is 2 minutes away): only a wake-up sends it.
+    await db(services.conversation_take_over)(conversation=conversation, operator=operator)
+    await sim.wait_for("session.pause", session_id=started["session_id"], timeout=10)
+    await bridge.stop()
+    await running
