@@ -1,4 +1,5 @@
-"""Writing many rows, each with its own values, in one statement.
+"""Rows in and out of the database in one statement, where the ORM would spend
+more Python than the round trip costs.
 
 Django's `bulk_update` builds a `CASE WHEN pk = … THEN …` per field and row:
 for the ingest's batches (up to 500 conversations, seven columns) compiling
@@ -8,15 +9,99 @@ On PostgreSQL `update_rows` sends `UPDATE … FROM UNNEST(…)` instead, one arr
 per column (as Django's own `bulk_create` does there): a statement of a few
 placeholders whatever the rows, which psycopg need not parse per value.
 Elsewhere (SQLite, the embedded demo) it is `bulk_update`.
+
+`insert_new` inserts what is not stored yet and says which it was, in one
+statement (`ON CONFLICT DO NOTHING RETURNING`) where a read of the repeats and
+then an insert were two. `columns` and `from_row` turn written-out SELECTs
+into model instances, converted as the ORM would.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
-from django.db import connections, router
+from django.db import connection, connections, router
 
 CHUNK = 5000  # rows per statement: bounds one statement's arrays
+VALUES_CHUNK = 500  # rows per statement where each value is a placeholder (SQLite)
+
+
+@functools.cache
+def columns(model, alias: str) -> str:
+    """The model's columns, qualified by `alias`, in the order `from_row` reads them."""
+    return ", ".join(f'{alias}."{field.column}"' for field in model._meta.concrete_fields)
+
+
+@functools.cache
+def _converters(model) -> list[list[tuple]]:
+    """Per column of `columns(model)`: the (converter, column) pairs the ORM applies."""
+    converters = []
+    for field in model._meta.concrete_fields:
+        column = field.get_col(model._meta.db_table)
+        found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        converters.append([(converter, column) for converter in found])
+    return converters
+
+
+def from_row(model, values):
+    """A model instance from a row of `columns(model)`, converted as the ORM would
+    (SQLite gives datetimes as text)."""
+    converted = []
+    for value, field_converters in zip(values, _converters(model)):
+        for converter, column in field_converters:
+            value = converter(value, column, connection)
+        converted.append(value)
+    return model.from_db(connection.alias, [field.attname for field in model._meta.concrete_fields], converted)
+
+
+def insert_new(objs: Iterable, *, unique: str) -> list:
+    """Insert the objects (one model, primary keys unset) whose `unique` field holds
+    a value not stored yet; returns those inserted, their primary keys set.
+
+    A repeat (stored already, or earlier in `objs`) is left out. An object whose
+    `unique` is NULL never conflicts, so it is always inserted.
+    """
+    objs = list(objs)
+    if not objs:
+        return []
+    model = type(objs[0])
+    meta = model._meta
+    db = connections[router.db_for_write(model)]
+    key = meta.get_field(unique)
+    fields = [field for field in meta.concrete_fields if field is not meta.pk]
+    quote = db.ops.quote_name
+    into = ", ".join(quote(field.column) for field in fields)
+    head = f"INSERT INTO {quote(meta.db_table)} ({into})"
+    tail = f"ON CONFLICT ({quote(key.column)}) DO NOTHING RETURNING {quote(meta.pk.column)}, {quote(key.column)}"
+    rows = [[field.get_db_prep_save(field.pre_save(obj, True), db) for field in fields] for obj in objs]
+    returned: list = []
+    with db.cursor() as cursor:
+        if db.vendor == "postgresql":
+            arrays = ", ".join(f"%s::{field.db_type(db).split('(')[0]}[]" for field in fields)
+            for start in range(0, len(rows), CHUNK):
+                chunk = rows[start : start + CHUNK]
+                cursor.execute(f"{head} SELECT * FROM UNNEST({arrays}) {tail}", [list(c) for c in zip(*chunk)])
+                returned += cursor.fetchall()
+        else:
+            one = "(" + ", ".join(["%s"] * len(fields)) + ")"
+            for start in range(0, len(rows), VALUES_CHUNK):
+                chunk = rows[start : start + VALUES_CHUNK]
+                values = ", ".join([one] * len(chunk))
+                cursor.execute(f"{head} VALUES {values} {tail}", [v for row in chunk for v in row])
+                returned += cursor.fetchall()
+    # Rows come back in the order given (as Django's bulk_create relies on), repeats
+    # skipped: walk both together.
+    inserted = []
+    pending = iter(returned)
+    row = next(pending, None)
+    for obj in objs:
+        if row is not None and row[1] == key.get_db_prep_save(getattr(obj, key.attname), db):
+            obj.pk = row[0]
+            obj._state.adding, obj._state.db = False, db.alias
+            inserted.append(obj)
+            row = next(pending, None)
+    return inserted
 
 
 def update_rows(objs: Iterable, fields: Iterable[str]) -> int:

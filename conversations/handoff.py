@@ -71,6 +71,7 @@ def normalise(text: str) -> str:
     return " ".join(plain.casefold().split())
 
 
+@lru_cache(maxsize=32)
 def phrases_from_text(text: str) -> tuple[str, ...]:
     return tuple(p for p in (normalise(line) for line in (text or "").splitlines()) if p)
 

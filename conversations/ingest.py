@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import NamedTuple
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from conversations import bulk, handoff, notify
-from conversations.models import Call, CallUtterance, Command, Conversation, Message
+from conversations.models import Call, CallUtterance, Command, Conversation, HandoffPolicy, Message
 from conversations.sanitize import clean_field, clean_id, clean_text
 from conversations.services import (
     NEEDS_HUMAN_FIELDS,
@@ -54,8 +56,7 @@ def _conversation_for(
 ) -> Conversation:
     """The session's conversation, locked; created when we never saw it start."""
     start = SessionStart(agent_id, session_id, contact_phone, contact_name).fitted()
-    conversations, _ = _conversations_locked([start])
-    return conversations[session_id]
+    return _conversations_locked([start]).conversations[session_id]
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def ingest_session_started(**fields) -> Conversation:
 def ingest_sessions_started(starts: list[SessionStart]) -> list[Conversation]:
     """New sessions (or repeats of known ones, which update the contact's details)."""
     starts = [start.fitted() for start in starts]
-    conversations, created = _conversations_locked(starts)
+    conversations, created, _ = _conversations_locked(starts)
     for start in starts:
         conversation = conversations[start.session_id]
         if start.session_id in created:
@@ -150,16 +151,20 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
     """Customer messages, stored together in a handful of queries however many there are.
 
     A burst (a campaign, a reconnect's backlog) is most of what the worker
-    stores, so this is set-based: the repeats are dropped in one query, the
-    conversations locked in one, the messages inserted in one, and each
-    conversation's inbox columns written once.
+    stores, so this is set-based: the conversations (and the agent's handoff
+    policy) are read and locked in one query, the messages inserted in one
+    (the database skips the repeats), and each conversation's inbox columns
+    written once.
     """
-    fresh = _drop_repeats([m.fitted() for m in incoming])
-    if not fresh:
+    fitted = [m.fitted() for m in incoming]
+    if not fitted:
         return []
-    conversations, _ = _conversations_locked(fresh)
+    agent_id = fitted[0].agent_id
+    locked = _conversations_locked(fitted, policy_of=agent_id, creating=_not_stored)
+    conversations = locked.conversations
+    fitted = [m for m in fitted if m.session_id in conversations]  # a repeat, for a session never seen
     now = timezone.now()
-    messages = Message.objects.bulk_create(
+    candidates = [
         Message(
             conversation=conversations[m.session_id],
             message_id=m.message_id or None,
@@ -171,10 +176,15 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
             altered=m.altered,
             created_at=now,
         )
-        for m in fresh
-    )
+        for m in fitted
+    ]
+    # Pinecall may repeat events after a reconnect: one message per `message_id`.
+    messages = bulk.insert_new(candidates, unique="message_id")
+    if not messages:
+        return []
+    fresh = [m for m, message in zip(fitted, candidates) if message.pk is not None]
     changed: set[str] = set()
-    policy = handoff_policy_get(fresh[0].agent_id)
+    policy = locked.policy or handoff_policy_get(agent_id)
     ask_phrases = handoff.phrases_from_text(policy.ask_phrases)
     asked: dict[str, Conversation] = {}
     for m, message in zip(fresh, messages):
@@ -194,9 +204,10 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
             # Nobody answers a paused conversation that no human holds.
             if needs_human_start(conversation, reason=Conversation.NeedsHuman.PAUSED_UNHELD, at=now):
                 changed.update(NEEDS_HUMAN_FIELDS)
-    for conversation in conversations.values():
+    touched = {conversations[m.session_id].pk: conversations[m.session_id] for m in fresh}.values()
+    for conversation in touched:
         conversation.updated_at = now
-    bulk.update_rows(conversations.values(), [*changed, "updated_at"])
+    bulk.update_rows(touched, [*changed, "updated_at"])
     for conversation in asked.values():
         handoff_step_aside(conversation=conversation, policy=policy)
     for message in messages:
@@ -204,29 +215,35 @@ def ingest_customer_messages(incoming: list[CustomerMessage]) -> list[Message]:
     return messages
 
 
-def _drop_repeats(incoming: list[CustomerMessage]) -> list[CustomerMessage]:
-    """Pinecall may repeat events after a reconnect: one message per `message_id`."""
-    ids = [m.message_id for m in incoming if m.message_id]
-    seen = set(Message.objects.filter(message_id__in=ids).values_list("message_id", flat=True))
-    fresh = []
-    for m in incoming:
-        if m.message_id:
-            if m.message_id in seen:
-                continue
-            seen.add(m.message_id)
-        fresh.append(m)
-    return fresh
+class Locked(NamedTuple):
+    conversations: dict[str, Conversation]  # by session id
+    created: set[str]  # the session ids of those created here (never seen before)
+    policy: HandoffPolicy | None  # with `policy_of`: that agent's, if it has one yet
+
+
+def _not_stored(messages: list[CustomerMessage]) -> list[CustomerMessage]:
+    """The messages whose `message_id` is not stored yet."""
+    ids = [m.message_id for m in messages if m.message_id]
+    stored = set(Message.objects.filter(message_id__in=ids).values_list("message_id", flat=True))
+    return [m for m in messages if m.message_id not in stored]
 
 
 def _conversations_locked(
     items: list[CustomerMessage] | list[SessionStart],
-) -> tuple[dict[str, Conversation], set[str]]:
-    """The items' conversations by session id, locked, and the ids of those created
-    here (for sessions never seen before)."""
+    *,
+    policy_of: str | None = None,
+    creating: Callable[[list], list] | None = None,
+) -> Locked:
+    """The items' conversations, locked; created for sessions never seen before (for
+    those of the items `creating` keeps, when given). With `policy_of`, that agent's
+    handoff policy is read in the same statement: one round trip less before the
+    commit that every live screen waits for."""
     session_ids = sorted({item.session_id for item in items})  # one lock order, no deadlocks
-    locked = Conversation.objects.select_for_update().filter(session_id__in=session_ids)
-    conversations = {c.session_id: c for c in locked.order_by("session_id")}
-    missing = {item.session_id: item for item in items if item.session_id not in conversations}
+    conversations, policy = _locked(session_ids, policy_of)
+    unseen = [item for item in items if item.session_id not in conversations]
+    if unseen and creating is not None:
+        unseen = creating(unseen)
+    missing = {item.session_id: item for item in unseen}
     if missing:
         Conversation.objects.bulk_create(
             [
@@ -240,9 +257,36 @@ def _conversations_locked(
             ],
             ignore_conflicts=True,  # created concurrently: take theirs
         )
-        created = locked.filter(session_id__in=list(missing)).order_by("session_id")
-        conversations.update((c.session_id, c) for c in created)
-    return conversations, set(missing)
+        created, policy_now = _locked(sorted(missing), policy_of if policy is None else None)
+        conversations.update(created)
+        policy = policy or policy_now
+    return Locked(conversations, set(missing), policy)
+
+
+def _locked(session_ids: list[str], policy_of: str | None) -> tuple[dict[str, Conversation], HandoffPolicy | None]:
+    """`SELECT … FOR UPDATE` written out: the ORM's compiling of it cost more than its
+    round trip (PostgreSQL locks; SQLite, which has no row locks, needs none)."""
+    conversation_table, policy_table = Conversation._meta.db_table, HandoffPolicy._meta.db_table
+    select, join, params = bulk.columns(Conversation, "c"), "", []
+    if policy_of is not None:
+        select += ", " + bulk.columns(HandoffPolicy, "h")
+        join, params = f" LEFT JOIN {policy_table} h ON h.agent_id = %s", [policy_of]
+    lock = " FOR UPDATE OF c" if connection.features.has_select_for_update_of else ""
+    places = ", ".join(["%s"] * len(session_ids))
+    sql = (
+        f"SELECT {select} FROM {conversation_table} c{join} "
+        f"WHERE c.session_id IN ({places}) ORDER BY c.session_id{lock}"
+    )
+    n = len(Conversation._meta.concrete_fields)
+    conversations, policy = {}, None
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, *session_ids])
+        for row in cursor.fetchall():
+            conversation = bulk.from_row(Conversation, row[:n])
+            conversations[conversation.session_id] = conversation
+            if policy is None and policy_of is not None and row[n] is not None:
+                policy = bulk.from_row(HandoffPolicy, row[n:])
+    return conversations, policy
 
 
 def reply_key(*, session_id: str, follows: str, rank: int, text: str) -> str:

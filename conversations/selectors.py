@@ -19,7 +19,7 @@ from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
-from conversations import handoff, presence
+from conversations import bulk, handoff, presence
 from conversations.models import (
     AgentState,
     Call,
@@ -348,32 +348,6 @@ class ConversationFacts:
     idle_seconds: int
 
 
-def _columns(model, alias: str) -> str:
-    return ", ".join(f'{alias}."{field.column}"' for field in model._meta.concrete_fields)
-
-
-@functools.cache
-def _converters(model) -> list[list[tuple]]:
-    """Per column of `_columns(model)`: the (converter, column) pairs the ORM applies."""
-    converters = []
-    for field in model._meta.concrete_fields:
-        column = field.get_col(model._meta.db_table)
-        found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
-        converters.append([(converter, column) for converter in found])
-    return converters
-
-
-def _instance(model, values):
-    """A model instance from a row of `_columns(model)`, converted as the ORM would
-    (SQLite gives datetimes as text)."""
-    converted = []
-    for value, field_converters in zip(values, _converters(model)):
-        for converter, column in field_converters:
-            value = converter(value, column, connection)
-        converted.append(value)
-    return model.from_db(connection.alias, [field.attname for field in model._meta.concrete_fields], converted)
-
-
 _FACTS_VALUES = {
     "session": Command.Scope.SESSION.value,
     "contact": Command.Scope.CONTACT.value,
@@ -397,7 +371,7 @@ def _facts_sql() -> str:
     command, pause = Command._meta.db_table, ContactPause._meta.db_table
     agent, policy = AgentState._meta.db_table, HandoffPolicy._meta.db_table
     return f"""
-        SELECT {_columns(Conversation, "c")}, {_columns(get_user_model(), "u")},
+        SELECT {bulk.columns(Conversation, "c")}, {bulk.columns(get_user_model(), "u")},
           (SELECT k.id FROM {command} k WHERE k.conversation_id = c.id
              AND k.scope = %(session)s AND k.kind IN (%(pause)s, %(resume)s)
            ORDER BY k.id DESC LIMIT 1),
@@ -430,9 +404,9 @@ def conversation_facts_find(pk: int) -> ConversationFacts | None:
             return None
         n_conversation = len(Conversation._meta.concrete_fields)
         n_user = len(get_user_model()._meta.concrete_fields)
-        conversation = _instance(Conversation, row[:n_conversation])
+        conversation = bulk.from_row(Conversation, row[:n_conversation])
         user_values = row[n_conversation : n_conversation + n_user]
-        holder = _instance(get_user_model(), user_values) if user_values[0] is not None else None
+        holder = bulk.from_row(get_user_model(), user_values) if user_values[0] is not None else None
         Conversation._meta.get_field("held_by").set_cached_value(conversation, holder)
         session_command, contact_command, contact_paused, agent_paused, idle_seconds = row[
             n_conversation + n_user :
@@ -441,10 +415,10 @@ def conversation_facts_find(pk: int) -> ConversationFacts | None:
         commands = {}
         if ids:
             cursor.execute(
-                f"SELECT {_columns(Command, 'k')} FROM {Command._meta.db_table} k WHERE k.id IN ({', '.join(['%s'] * len(ids))})",
+                f"SELECT {bulk.columns(Command, 'k')} FROM {Command._meta.db_table} k WHERE k.id IN ({', '.join(['%s'] * len(ids))})",
                 ids,
             )
-            commands = {command.pk: command for command in (_instance(Command, r) for r in cursor.fetchall())}
+            commands = {command.pk: command for command in (bulk.from_row(Command, r) for r in cursor.fetchall())}
     held_and_counting = conversation.held_by_id and conversation.is_active and conversation.holder_active_at
     return ConversationFacts(
         conversation=conversation,

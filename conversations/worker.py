@@ -46,6 +46,7 @@ from django.db import (
     OperationalError,
     ProgrammingError,
     close_old_connections,
+    connection,
     transaction,
 )
 
@@ -239,11 +240,18 @@ def store_batch(
 
 
 def _cursor_set(spool_id: str, seq: int) -> None:
-    """One UPDATE per batch; the row is created on a segment's first batch."""
+    """One statement per batch: an upsert (the row is created on a segment's first
+    batch), written out because the ORM's compiling of it cost more than its round trip."""
     if not spool_id:
         return
-    if not IngestCursor.objects.filter(spool_id=spool_id).update(seq=seq, updated_at=timezone.now()):
-        IngestCursor.objects.create(spool_id=spool_id, seq=seq)
+    quote, meta = connection.ops.quote_name, IngestCursor._meta
+    now = meta.get_field("updated_at").get_db_prep_save(timezone.now(), connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {quote(meta.db_table)} (spool_id, seq, updated_at) VALUES (%s, %s, %s) "
+            "ON CONFLICT (spool_id) DO UPDATE SET seq = EXCLUDED.seq, updated_at = EXCLUDED.updated_at",
+            [spool_id, seq, now],
+        )
 
 
 def _confirm(command: Command, *, rows_later: set[int]) -> Command:
