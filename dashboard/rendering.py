@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import OrderedDict
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
@@ -267,28 +268,42 @@ def render_conversation_state_for(conversation, user, facts=None) -> str:
 
 
 # (conversation pk, change version) -> the facts every viewer's render shares. A
-# change reaches all of a process's viewers together: the first reads, the rest reuse.
-_facts_seen: OrderedDict[tuple[int, str], selectors.ConversationFacts | None] = OrderedDict()
+# change reaches all of a process's viewers together, each rendering on its own
+# thread of the pool: the first reads, the rest wait for its read (not a read each).
+_facts_seen: OrderedDict[tuple[int, str], Future] = OrderedDict()
 _FACTS_KEPT = 64
-_facts_lock = threading.Lock()  # viewers render on several threads of the pool
+_FACTS_WAIT_SECONDS = 10.0
+_facts_lock = threading.Lock()
 
 
 def conversation_state_for_viewer(conversation_id: int, user, version: str = "") -> str:
     """A `conversation.state` change, rendered for one viewer's socket."""
-    key = (conversation_id, version)
-    with _facts_lock:
-        seen = version and key in _facts_seen
-        facts = _facts_seen.get(key) if seen else None
-    if not seen:
-        facts = selectors.conversation_facts_find(conversation_id)
-        if version:
-            with _facts_lock:
-                _facts_seen[key] = facts
-                while len(_facts_seen) > _FACTS_KEPT:
-                    _facts_seen.popitem(last=False)
+    facts = _facts_of_change(conversation_id, version) if version else selectors.conversation_facts_find(conversation_id)
     if facts is None:
         return ""
     return render_conversation_state_for(facts.conversation, user, facts)
+
+
+def _facts_of_change(conversation_id: int, version: str) -> selectors.ConversationFacts | None:
+    key = (conversation_id, version)
+    with _facts_lock:
+        shared = _facts_seen.get(key)
+        reading = shared is None
+        if reading:
+            shared = _facts_seen[key] = Future()
+            while len(_facts_seen) > _FACTS_KEPT:
+                _facts_seen.popitem(last=False)
+    if not reading:
+        return shared.result(timeout=_FACTS_WAIT_SECONDS)
+    try:
+        facts = selectors.conversation_facts_find(conversation_id)
+    except BaseException as error:
+        with _facts_lock:  # a later viewer of this change reads again
+            _facts_seen.pop(key, None)
+        shared.set_exception(error)
+        raise
+    shared.set_result(facts)
+    return facts
 
 
 def with_viewers(rows):

@@ -4,13 +4,16 @@ and the catch-up a reconnecting page gets."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import channel_layers, get_channel_layer
 
-from conversations import notify, services
+from django.db import connection
+
+from conversations import notify, selectors, services
 from dashboard import rendering
 from conversations.models import AgentState, Command
 from tests.factories import ConversationFactory, MessageFactory, OperatorFactory
@@ -125,6 +128,39 @@ class TestBroadcasts:
         assert f'id="composer-text-{conversation.pk}"' in mine
         assert f'id="composer-text-{conversation.pk}"' not in theirs
         assert "Take over from" in theirs
+
+    @pytest.mark.django_db(transaction=True)
+    def test_viewers_rendering_one_change_at_once_share_one_read(self, monkeypatch):
+        holder, other = OperatorFactory(), OperatorFactory()
+        conversation = ConversationFactory(held=True, held_by=holder)
+        real, reads, go = selectors.conversation_facts_find, [], threading.Event()
+
+        def held_read(pk):
+            reads.append(pk)
+            go.wait(10)  # the first read is slow: the other viewer arrives meanwhile
+            return real(pk)
+
+        monkeypatch.setattr(selectors, "conversation_facts_find", held_read)
+        html = {}
+
+        def render(user):
+            try:
+                html[user.pk] = rendering.conversation_state_for_viewer(conversation.pk, user, "v2")
+            finally:
+                connection.close()
+
+        first = threading.Thread(target=render, args=(holder,))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not reads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = threading.Thread(target=render, args=(other,))
+        second.start()
+        second.join(0.5)  # not done: it waits for the first one's read
+        go.set()
+        first.join(10), second.join(10)
+        assert reads == [conversation.pk]
+        assert 'data-holder="me"' in html[holder.pk] and 'data-holder="other"' in html[other.pk]
 
     def test_agent_state_broadcast_has_no_buttons(self, layer, settings):
         state = AgentState.objects.create(agent_id=settings.PINECALL_AGENT_ID, ai_paused=True)
