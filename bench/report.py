@@ -256,7 +256,7 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
         }.get(n, ("", ""))
         out.append((
             f"Fan-out, N={n} operators: p50 / p95 / p99",
-            _live_figures(f) + _contended_mark(doc, "fanout"),
+            _live_figures(f) + _contended_mark(doc, "fanout", {"1": "1.p50_ms", "100": "100.p99_ms"}.get(n, "none")),
             target,
             met,
         ))
@@ -270,7 +270,7 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
     ))
     out.append((
         "Worker idle (connected, nothing happening, 20 s): CPU",
-        f"{_fmt(doc.get('worker_idle_cpu_percent'))} % of a core" + _contended_mark(doc, "scale"),
+        f"{_fmt(doc.get('worker_idle_cpu_percent'))} % of a core" + _contended_mark(doc, "scale", "none"),
         t["worker_idle"]["target"],
         _met(t["worker_idle"]["met"]),
     ))
@@ -278,7 +278,8 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
     out.append((
         "Ingest: 10,000 messages / 1,000 conversations, 10 operators",
         f"{_fmt(ing.get('per_second'))} messages/s; stored {_fmt(ing.get('stored'))} of "
-        f"{_fmt(ing.get('messages'))}" + (f" ({ing['error']})" if "error" in ing else ""),
+        f"{_fmt(ing.get('messages'))}" + (f" ({ing['error']})" if "error" in ing else "")
+        + _contended_mark(doc, "ingest"),
         ">= 2,000/s, exact count",
         f"rate {_met(t['ingest']['met'])}; count {_met(t['ingest_exact']['met'])}",
     ))
@@ -287,7 +288,8 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
         out.append((
             f"Round trip: {label}, p50 / p99",
             f"{_fmt(r.get('p50_ms'))} / {_fmt(r.get('p99_ms'))} ms"
-            + (f" ({_get(doc, 'round_trip', 'error')})" if _get(doc, "round_trip", "error") else ""),
+            + (f" ({_get(doc, 'round_trip', 'error')})" if _get(doc, "round_trip", "error") else "")
+            + _contended_mark(doc, "round_trip", f"{key}.p50_ms"),
             t[f"round_trip_{key}"]["target"],
             _met(t[f"round_trip_{key}"]["met"]),
         ))
@@ -364,13 +366,27 @@ def _live_figures(f: dict) -> str:
     return text
 
 
-def _contended_mark(doc: dict, section: str) -> str:
+def _contended_mark(doc: dict, section: str, figure: str = "") -> str:
+    """Whether other processes disturbed the section, and with several runs the range
+    of `figure` (default: the section's headline) over them."""
     load = _get(doc, section, "load") or {}
     runs = load.get("runs") or []
     mark = f" (contended: others used {_fmt(_get(load, 'cores_used', 'others'))} cores)" if load.get("contended") else ""
     if len(runs) > 1:
-        mark += f" (quietest of {len(runs)} runs)"
+        mark += f" (quietest of {len(runs)} runs{_runs_range(runs, figure)})"
     return mark
+
+
+def _runs_range(runs: list[dict], figure: str = "") -> str:
+    """A figure's range over the runs: how much the machine moved it."""
+    key = figure or next((k for k in runs[0] if k not in ("kept", "others_cores", "error")), None)
+    values = [r[key] for r in runs if isinstance(r.get(key), (int, float))] if key else []
+    if len(values) < 2:
+        return ""
+    parts = key.removesuffix("_ms").split(".")
+    label = " ".join(f"N={p}" if p.isdigit() else p.replace("per_second", "rate").replace("_", " ") for p in parts)
+    unit = " ms" if key.endswith("_ms") else "/s" if key.endswith("per_second") else ""
+    return f"; {label} over the runs {_fmt(min(values))}-{_fmt(max(values))}{unit}"
 
 
 def table(doc: dict) -> str:
