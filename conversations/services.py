@@ -596,7 +596,10 @@ def command_fail(*, command: Command, code: str, message: str) -> Command:
 
 def _apply_confirmed(command: Command) -> None:
     Kind, Scope = Command.Kind, Command.Scope
-    if command.scope == Scope.SESSION and command.conversation_id:
+    if command.scope == Scope.SESSION and command.conversation_id and command.kind == Kind.SEND:
+        if command.message_id:
+            _message_sent(command.message_id)
+    elif command.scope == Scope.SESSION and command.conversation_id:
         conversation = _locked(command.conversation_id)
         if command.kind == Kind.PAUSE:
             _set_session_paused(conversation, True)
@@ -610,16 +613,7 @@ def _apply_confirmed(command: Command) -> None:
                 _note(conversation, f"{display_name(command.operator)} took over")
         elif command.kind == Kind.RESUME:
             _set_session_paused(conversation, False)
-        elif command.kind == Kind.SEND and command.message_id:
-            # Only the bubble changed: its tick, not who holds the conversation.
-            message = Message.objects.get(pk=command.message_id)
-            if message.can_move_to(Message.Status.SENT):
-                message.status = Message.Status.SENT
-                message.status_changed_at = timezone.now()
-                message.save(update_fields=["status", "status_changed_at"])
-                notify.after_commit(notify.message_changed, message)
-        if command.kind != Kind.SEND:
-            notify.after_commit(notify.conversation_changed, conversation)
+        notify.after_commit(notify.conversation_changed, conversation)
     elif command.scope == Scope.CONTACT:
         contact_pause_set(
             agent_id=command.agent_id,
@@ -634,6 +628,19 @@ def _apply_confirmed(command: Command) -> None:
     elif command.scope == Scope.CALL and command.kind == Kind.SAY and command.call_id and command.line_id:
         call_supervisor_line(call=command.call, message_id=command.line_id, text=command.text)
     notify.after_commit(notify.command_changed, command)
+
+
+def _message_sent(message_id: int) -> None:
+    """Pinecall took a human's reply: only its bubble changes (its tick), not who holds
+    the conversation, so only the message's row is locked: as a receipt locks it, so
+    a "delivered" that came first is never set back to "sent". Its author comes with
+    it: the bubble names them, rendered before it is published."""
+    message = Message.objects.select_for_update(of=("self",)).select_related("operator").get(pk=message_id)
+    if message.can_move_to(Message.Status.SENT):
+        message.status = Message.Status.SENT
+        message.status_changed_at = timezone.now()
+        message.save(update_fields=["status", "status_changed_at"])
+        notify.after_commit(notify.message_changed, message)
 
 
 # ---------------------------------------------------------------- voice calls: stepping in

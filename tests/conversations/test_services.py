@@ -1,11 +1,16 @@
 """Operators' actions: stored (outbox + audit) before they are attempted; outcomes applied."""
 
+import threading
+import time
+
 import pytest
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import connection, transaction
 from django.utils import timezone
 
 from conversations import services
 from conversations.models import AgentState, AuditEntry, Command, ContactPause, Message
+from tests.factories import ConversationFactory, OperatorFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -230,3 +235,53 @@ def test_a_conversations_facts_are_read_in_one_statement_as_the_orm_sees_them(
     assert facts.agent_paused is True
     assert facts.idle_seconds == 321
     assert selectors.conversation_facts_find(conversation.pk + 1000) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_receipt_that_came_first_is_not_set_back_by_the_send_confirmation():
+    """The confirmation locks the message as a receipt does: waiting for the receipt's
+    transaction, it sees "delivered" and leaves it (it read it unlocked before, and
+    wrote "sent" over it)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks: PostgreSQL")
+    operator = OperatorFactory()
+    conversation = ConversationFactory(held=True, held_by=operator)
+    message = services.conversation_send(conversation=conversation, operator=operator, text="hi")
+    [command] = services.commands_claim(10)
+    locked, go = threading.Event(), threading.Event()
+
+    def receipt():
+        try:
+            with transaction.atomic():
+                row = Message.objects.select_for_update().get(pk=message.pk)
+                row.status = Message.Status.DELIVERED
+                row.save(update_fields=["status"])
+                locked.set()
+                go.wait(10)
+        finally:
+            connection.close()
+
+    def confirm():
+        try:
+            services.command_confirm(command=command)
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=receipt)
+    first.start()
+    assert locked.wait(10)
+    second = threading.Thread(target=confirm)
+    second.start()
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    deadline = timezone.now() + timezone.timedelta(seconds=10)
+    with connection.cursor() as cursor:
+        while timezone.now() < deadline:
+            cursor.execute(waiting)
+            if cursor.fetchone()[0]:
+                break
+            time.sleep(0.01)
+    go.set()
+    first.join(10), second.join(10)
+    message.refresh_from_db()
+    assert message.status == Message.Status.DELIVERED
+    assert Command.objects.get(pk=command.pk).status == Command.Status.CONFIRMED
