@@ -146,9 +146,11 @@ Steps measured in this session: 412-664/s (1, 2), 1,157-1,462/s (3), 2,049/s (4)
 2,661/s in the full run.
 """,
     "round_trip_take_over": """
-**This round (2026-12-03):** take over p50 55 -> 40-49 ms over the three passes, p99
-58.6-64.0 ms (the 60 ms target met in two of three); send 39 -> 34-59 ms, p99 46-89.
-What changed:
+**This round (2026-12-03):** take over p50 55 -> 40-49 ms over the three passes on
+b2bfd84, p99 58.6-64.0 ms (the 60 ms target met in two of three); send 39 -> 34-59 ms,
+p99 46-89. The table's run (37412cd, an hour later, other processes using 1.9 cores)
+gave 47.7-62.2 and 42.4-74.9 ms: on this machine a pass moves by more than a change
+does, so changes are judged by interleaved A/B runs. What changed:
 1. the other viewers hear of an action's wait only if Pinecall has not confirmed
    within `LIVE_PENDING_GRACE_SECONDS` (0.25 s): a quick confirmation renders their
    header and the inbox row once, not twice, and the first render no longer takes
@@ -178,8 +180,15 @@ once per socket in Daphne.
 Same path as Take over without the header: the POST stores the message, outbox and
 audit rows and answers with the pending bubble; the worker sends `session.send`; the
 confirmation marks it sent and re-renders the bubble for every viewer. p50 107 ms in
-the first run, 56, 42, now 34-59 ms over three passes. The fixes listed for Take over
-apply.
+the first run, 56, 42, now 34-59 ms over three passes (b2bfd84).
+
+**This round, last (37412cd):** the confirmation locks only the message (as a receipt
+does) and reads its author with it: two statements fewer before the confirmed bubble
+is published (the conversation's lock, the author's read while rendering), and a
+"delivered" that came first is no longer set back to "sent". Interleaved quick A/B
+(b2bfd84 against 37412cd, two pairs): send p50 51.9 and 60.9 ms before, 43.6 and
+49.4 ms after; take over unchanged (52.1/59.3 against 51.7/58.3). The fixes listed
+for Take over apply.
 """,
 }
 
