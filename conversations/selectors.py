@@ -8,6 +8,7 @@ conversation shows only its newest messages, with older ones fetched on demand.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -121,12 +122,17 @@ def inbox_queryset(*, user: AbstractBaseUser, filter: str = "", q: str = "") -> 
     return _searched(qs, q).order_by("-last_message_at", "-id")
 
 
+PHONE_LIKE = re.compile(r"[\d\s()+.\-]+")  # what someone types as a phone number
+
+
 def _searched(qs: QuerySet, q: str) -> QuerySet:
     q = (q or "").strip()
     if q:
         digits = "".join(ch for ch in q if ch.isdigit())
         match = Q(contact_name__icontains=q) | Q(contact_phone__icontains=q)
-        if digits and digits != q:  # "+34 600 11" finds "+3460011..."
+        if digits and digits != q and PHONE_LIKE.fullmatch(q):
+            # "+34 600 11" finds "+3460011..."; "Ana2" or a code's "efc9b5eb" is no
+            # phone number and must not find every phone with a 2 (or a 95) in it.
             match |= Q(contact_phone__icontains=digits)
         # Messages and internal notes (a note's timeline entry carries its text);
         # not the system's dividers ("Ana took over").

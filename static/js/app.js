@@ -201,6 +201,8 @@
   function newer(a, b) { return a[0] !== b[0] ? a[0] > b[0] : a[1] > b[1]; }
 
   function digits(s) { return (s || "").replace(/\D/g, ""); }
+  // As the server decides (selectors.PHONE_LIKE): "+34 600 11" is a phone number, "Ana2" is not.
+  function phoneLike(s) { return /^[\d\s()+.\-]+$/.test(s); }
 
   function matchesFilter(row, list, wasListed) {
     var f = list.dataset.filter || "active";
@@ -214,7 +216,7 @@
     if (ok && q && !wasListed) {
       // The server also searched every message's text; here only what the row shows.
       var hay = row.dataset.search || "";
-      ok = hay.indexOf(q) >= 0 || (digits(q).length > 2 && digits(hay).indexOf(digits(q)) >= 0);
+      ok = hay.indexOf(q) >= 0 || (phoneLike(q) && digits(q).length > 2 && digits(hay).indexOf(digits(q)) >= 0);
     }
     return ok;
   }

@@ -183,6 +183,9 @@ class TestInbox:
         assert found("+44 7700") == {bob.pk}
         assert found("zx-99") == {bob.pk}
         assert found("nothing-like-this") == set()
+        # Digits inside a word are no phone number: "Bob7" or a code do not match phones.
+        assert found("Bob7") == set() and found("efc9b5eb") == set()
+        assert found("(+44) 7700-900") == {bob.pk}
         assert "No conversation matches" in operator_client.get("/?q=zzz").content.decode()
 
     def test_tabs_and_search_answer_with_the_inbox_body_only(self, operator_client):
