@@ -92,11 +92,12 @@ def insert_new(objs: Iterable, *, unique: str) -> list:
                 returned += cursor.fetchall()
     # Rows come back in the order given (as Django's bulk_create relies on), repeats
     # skipped: walk both together.
+    at = fields.index(key)
     inserted = []
     pending = iter(returned)
     row = next(pending, None)
-    for obj in objs:
-        if row is not None and row[1] == key.get_db_prep_save(getattr(obj, key.attname), db):
+    for obj, values in zip(objs, rows):
+        if row is not None and row[1] == values[at]:
             obj.pk = row[0]
             obj._state.adding, obj._state.db = False, db.alias
             inserted.append(obj)

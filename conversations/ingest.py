@@ -239,7 +239,7 @@ def _conversations_locked(
     handoff policy is read in the same statement: one round trip less before the
     commit that every live screen waits for."""
     session_ids = sorted({item.session_id for item in items})  # one lock order, no deadlocks
-    conversations, policy = _locked(session_ids, policy_of)
+    conversations, policy = _select_locked(session_ids, policy_of)
     unseen = [item for item in items if item.session_id not in conversations]
     if unseen and creating is not None:
         unseen = creating(unseen)
@@ -257,13 +257,13 @@ def _conversations_locked(
             ],
             ignore_conflicts=True,  # created concurrently: take theirs
         )
-        created, policy_now = _locked(sorted(missing), policy_of if policy is None else None)
+        created, policy_now = _select_locked(sorted(missing), policy_of if policy is None else None)
         conversations.update(created)
         policy = policy or policy_now
     return Locked(conversations, set(missing), policy)
 
 
-def _locked(session_ids: list[str], policy_of: str | None) -> tuple[dict[str, Conversation], HandoffPolicy | None]:
+def _select_locked(session_ids: list[str], policy_of: str | None) -> tuple[dict[str, Conversation], HandoffPolicy | None]:
     """`SELECT … FOR UPDATE` written out: the ORM's compiling of it cost more than its
     round trip (PostgreSQL locks; SQLite, which has no row locks, needs none)."""
     conversation_table, policy_table = Conversation._meta.db_table, HandoffPolicy._meta.db_table
