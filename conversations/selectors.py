@@ -174,14 +174,17 @@ def longest_waiting(agent_id: str) -> Conversation | None:
 
 
 def inbox_page(
-    *, user: AbstractBaseUser, filter: str = "", q: str = "", page: int = 1, size: int = 0
+    *, user: AbstractBaseUser, filter: str = "", q: str = "", page: int = 1, pages: int = 1,
+    size: int = 0,
 ) -> tuple[list[Conversation], bool]:
-    """One page of the inbox and whether there is more: one query, no COUNT."""
+    """`pages` pages of the inbox from `page` on, and whether there is more: one query,
+    no COUNT."""
     size = size or settings.INBOX_PAGE_SIZE
-    page = max(1, page)
+    page, pages = max(1, page), max(1, pages)
     start = (page - 1) * size
-    rows = list(inbox_queryset(user=user, filter=filter, q=q)[start : start + size + 1])
-    return rows[:size], len(rows) > size
+    stop = start + size * pages
+    rows = list(inbox_queryset(user=user, filter=filter, q=q)[start : stop + 1])
+    return rows[: stop - start], len(rows) > stop - start
 
 
 def conversations_changed_since(since: datetime, *, limit: int) -> list[Conversation]:

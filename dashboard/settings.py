@@ -276,6 +276,7 @@ WHATSAPP_APP_SECRET = env.str("WHATSAPP_APP_SECRET", default="") or None
 # WhatsApp's limit for a text body, in characters (code points, as len() counts).
 MESSAGE_MAX_LENGTH = env.int("MESSAGE_MAX_LENGTH", default=4096)
 INBOX_PAGE_SIZE = 50
+INBOX_PAGES_KEPT = 10  # how many loaded pages a live refresh of the inbox keeps, at most
 CONVERSATION_PAGE_SIZE = 50  # the latest; "Load earlier" pages back
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")

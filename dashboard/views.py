@@ -64,8 +64,13 @@ def _inbox_context(request: HttpRequest, *, path: str) -> dict:
     f = selectors.inbox_filter_key(request.GET.get("f"))
     q = (request.GET.get("q") or "").strip()[:100]
     page = max(1, _int(request.GET.get("page"), 1) or 1)
-    rows, has_more = selectors.inbox_page(user=request.user, filter=f, q=q, page=page)
-    more_query = urlencode({k: v for k, v in (("f", f), ("q", q), ("page", page + 1)) if v})
+    # A live refresh keeps the pages the operator has loaded with "Load more".
+    pages = min(max(1, _int(request.GET.get("pages"), 1) or 1), settings.INBOX_PAGES_KEPT)
+    rows, has_more = selectors.inbox_page(
+        user=request.user, filter=f, q=q, page=page, pages=pages
+    )
+    next_page = page + pages
+    more_query = urlencode({k: v for k, v in (("f", f), ("q", q), ("page", next_page)) if v})
     return {
         "filters": selectors.INBOX_FILTERS,
         "counts": selectors.inbox_counts(user=request.user),
@@ -74,6 +79,8 @@ def _inbox_context(request: HttpRequest, *, path: str) -> dict:
         "page": page,
         "rows": rendering.with_viewers(rows),
         "has_more": has_more,
+        "next_page": next_page,
+        "page_size": settings.INBOX_PAGE_SIZE,
         "inbox_path": path,
         "more_url": f"{path}?{more_query}",
     }

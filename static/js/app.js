@@ -277,10 +277,60 @@
     });
   }
 
-  function refreshInbox() {
-    if (!$("#inbox-body")) return;
-    htmx.ajax("GET", location.pathname + location.search, { target: "#inbox-body", swap: "innerHTML" });
+  /* A live refresh of the list and "Load more" take turns: a refresh landing while a
+   * page is on its way would drop that page (its target is replaced), and a page landing
+   * after a refresh that was asked for before it would be dropped by the refresh. */
+  var STUCK_AFTER = 20000; // a request that never reported back no longer holds the other
+  var inboxLoading = { refresh: 0, more: 0, refreshNext: false, moreNext: false };
+  function busy(since) { return since && Date.now() - since < STUCK_AFTER; }
+
+  function loadedPages(list) {
+    var more = $("#inbox-more", list);
+    if (more) return Math.max(1, (parseInt(more.dataset.nextPage, 10) || 2) - 1);
+    var size = parseInt(list.dataset.pageSize, 10) || 1;
+    return Math.max(1, Math.ceil($$(".row", list).length / size));
   }
+
+  function inboxTurnEnded() {
+    if (inboxLoading.moreNext && !busy(inboxLoading.refresh)) {
+      inboxLoading.moreNext = false;
+      var button = $("#inbox-more button");
+      if (button) { button.click(); return; }
+    }
+    if (inboxLoading.refreshNext && !busy(inboxLoading.more)) {
+      inboxLoading.refreshNext = false;
+      refreshInbox();
+    }
+  }
+
+  function refreshInbox() {
+    var list = $("#inbox-list");
+    if (!$("#inbox-body") || !list) return;
+    if (busy(inboxLoading.more) || busy(inboxLoading.refresh)) { inboxLoading.refreshNext = true; return; }
+    var url = new URL(location.href);
+    var pages = loadedPages(list);
+    if (pages > 1) url.searchParams.set("pages", pages);
+    inboxLoading.refresh = Date.now();
+    var done = function () { inboxLoading.refresh = 0; inboxTurnEnded(); };
+    htmx.ajax("GET", url.pathname + url.search, { target: "#inbox-body", swap: "innerHTML" }).then(done, done);
+  }
+
+  document.addEventListener("htmx:beforeRequest", function (e) {
+    if (!e.detail.target || e.detail.target.id !== "inbox-more") return;
+    if (busy(inboxLoading.refresh)) {
+      // Asked again once the refreshed list (with its own "Load more") is in.
+      e.preventDefault();
+      inboxLoading.moreNext = true;
+      return;
+    }
+    inboxLoading.more = Date.now();
+  });
+
+  document.addEventListener("htmx:afterRequest", function (e) {
+    if (!e.detail.target || e.detail.target.id !== "inbox-more" || !inboxLoading.more) return;
+    inboxLoading.more = 0;
+    inboxTurnEnded();
+  });
 
   // "Load more" may bring a row that moved up meanwhile: keep the first one.
   function dedupeRows() {

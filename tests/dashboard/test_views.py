@@ -208,6 +208,26 @@ class TestInbox:
         third = operator_client.get("/?page=3", HTTP_HX_TARGET="inbox-more", **HX).content.decode()
         assert third.count('role="listitem"') == 2 and 'id="inbox-more"' not in third
 
+    def test_a_live_refresh_keeps_the_pages_loaded_and_points_load_more_past_them(
+        self, operator_client, settings
+    ):
+        settings.INBOX_PAGE_SIZE = 5
+        settings.INBOX_PAGES_KEPT = 3
+        now = timezone.now()
+        convs = [ConversationFactory(last_message_at=now - timedelta(minutes=i)) for i in range(22)]
+        kept = operator_client.get("/?pages=2", HTTP_HX_TARGET="inbox-body", **HX).content.decode()
+        assert kept.count('role="listitem"') == 10
+        assert f'id="row-{convs[9].pk}"' in kept and f'id="row-{convs[10].pk}"' not in kept
+        assert 'data-next-page="3"' in kept and "page=3" in kept
+        # The next page after them is the third, not a repeat of the second.
+        third = operator_client.get("/?page=3", HTTP_HX_TARGET="inbox-more", **HX).content.decode()
+        assert f'id="row-{convs[10].pk}"' in third
+        # However many pages are asked for, no more than INBOX_PAGES_KEPT are rendered.
+        capped = operator_client.get("/?pages=99", HTTP_HX_TARGET="inbox-body", **HX).content.decode()
+        assert capped.count('role="listitem"') == 15 and "page=4" in capped
+        junk = operator_client.get("/?pages=-4x", HTTP_HX_TARGET="inbox-body", **HX).content.decode()
+        assert junk.count('role="listitem"') == 5 and "page=2" in junk
+
     def test_page_connects_the_live_socket(self, operator_client):
         body = operator_client.get("/").content.decode()
         assert 'hx-ext="ws"' in body
