@@ -295,7 +295,8 @@
     if (inboxLoading.moreNext && !busy(inboxLoading.refresh)) {
       inboxLoading.moreNext = false;
       var button = $("#inbox-more button");
-      if (button) { button.click(); return; }
+      // Just swapped in: htmx wires it up only when the swap settles, so now, by hand.
+      if (button) { htmx.process(button); button.click(); return; }
     }
     if (inboxLoading.refreshNext && !busy(inboxLoading.more)) {
       inboxLoading.refreshNext = false;
