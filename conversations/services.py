@@ -22,11 +22,11 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from conversations import handoff, notify, selectors, takeovers
+from conversations import bulk, handoff, notify, selectors, takeovers
 from conversations.permissions import PAUSE_WIDE_PERMISSION, TAKE_OVER_PERMISSION, display_name
 from conversations.models import (
     AlertPreferences,
@@ -542,18 +542,51 @@ def command_requeue(*, command: Command) -> None:
 @transaction.atomic
 def command_confirm(*, command: Command) -> Command:
     """Pinecall confirmed the command: apply its effect and tell operators."""
-    # With its operator (named in the timeline's divider); only the command's row is locked.
-    command = Command.objects.select_for_update(of=("self",)).select_related("operator").get(pk=command.pk)
-    if command.status == Command.Status.CONFIRMED:
+    confirmed = _command_confirmed(command.pk, timezone.now())
+    if confirmed is None:  # confirmed already
+        return Command.objects.get(pk=command.pk)
+    _apply_confirmed(confirmed)
+    return confirmed
+
+
+def _command_confirmed(pk: int, now) -> Command | None:
+    """The command marked confirmed, with its audit entry, and returned with its
+    operator (named in the timeline's divider); None if it was confirmed already.
+
+    Only the command's row is locked. Every action's round trip waits for this: on
+    PostgreSQL it is one statement (the update's row lock is the one a
+    `SELECT … FOR UPDATE` would take), elsewhere the ORM's three.
+    """
+    Status, Outcome = Command.Status, AuditEntry.Outcome
+    if connection.vendor != "postgresql":
+        command = Command.objects.select_for_update(of=("self",)).select_related("operator").get(pk=pk)
+        if command.status == Status.CONFIRMED:
+            return None
+        command.status, command.completed_at = Status.CONFIRMED, now
+        command.save(update_fields=["status", "completed_at"])
+        AuditEntry.objects.filter(command=command).update(outcome=Outcome.CONFIRMED, completed_at=now)
         return command
-    now = timezone.now()
-    command.status = Command.Status.CONFIRMED
-    command.completed_at = now
-    command.save(update_fields=["status", "completed_at"])
-    AuditEntry.objects.filter(command=command).update(
-        outcome=AuditEntry.Outcome.CONFIRMED, completed_at=now
+    user_model = get_user_model()
+    commands, audits, users = (
+        Command._meta.db_table, AuditEntry._meta.db_table, user_model._meta.db_table
     )
-    _apply_confirmed(command)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH c AS (UPDATE {commands} SET status = %s, completed_at = %s"
+            f"  WHERE id = %s AND status <> %s RETURNING *),"
+            f" a AS (UPDATE {audits} SET outcome = %s, completed_at = %s"
+            f"  WHERE command_id IN (SELECT id FROM c))"
+            f" SELECT {bulk.columns(Command, 'c')}, {bulk.columns(user_model, 'u')}"
+            f" FROM c LEFT JOIN {users} u ON u.id = c.operator_id",
+            [Status.CONFIRMED, now, pk, Status.CONFIRMED, Outcome.CONFIRMED, now],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    n = len(Command._meta.concrete_fields)
+    command = bulk.from_row(Command, row[:n])
+    operator = bulk.from_row(user_model, row[n:]) if row[n] is not None else None
+    Command._meta.get_field("operator").set_cached_value(command, operator)
     return command
 
 
@@ -600,9 +633,8 @@ def _apply_confirmed(command: Command) -> None:
         if command.message_id:
             _message_sent(command.message_id)
     elif command.scope == Scope.SESSION and command.conversation_id:
-        conversation = _locked(command.conversation_id)
         if command.kind == Kind.PAUSE:
-            _set_session_paused(conversation, True)
+            conversation = _paused_locked(command.conversation_id)
             if command.operator_id and conversation.held_by_id == command.operator_id:
                 takeovers.taken(conversation, operator_id=command.operator_id, at=command.completed_at)
             took_from_someone = conversation.messages.filter(
@@ -611,8 +643,10 @@ def _apply_confirmed(command: Command) -> None:
             ).exists()  # a forced take over has its divider already
             if conversation.held_by_id == command.operator_id and command.operator_id and not took_from_someone:
                 _note(conversation, f"{display_name(command.operator)} took over")
-        elif command.kind == Kind.RESUME:
-            _set_session_paused(conversation, False)
+        else:
+            conversation = _locked(command.conversation_id)
+            if command.kind == Kind.RESUME:
+                _set_session_paused(conversation, False)
         notify.after_commit(notify.conversation_changed, conversation)
     elif command.scope == Scope.CONTACT:
         contact_pause_set(
@@ -795,6 +829,24 @@ def session_paused_set(*, session_id: str, paused: bool) -> Conversation | None:
     if _set_session_paused(conversation, paused):
         notify.after_commit(notify.conversation_changed, conversation)
     return conversation
+
+
+def _paused_locked(pk: int) -> Conversation:
+    """The conversation, locked and with its AI paused (as `_set_session_paused(…, True)`
+    on `_locked(pk)` would leave it), in one `UPDATE … RETURNING`: a confirmed pause
+    is on every take over's round trip."""
+    table = connection.ops.quote_name(Conversation._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET ai_paused = %s,"
+            f" updated_at = CASE WHEN ai_paused THEN updated_at ELSE %s END"
+            f" WHERE id = %s RETURNING {bulk.columns(Conversation, table)}",
+            [True, timezone.now(), pk],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise Conversation.DoesNotExist(f"conversation {pk}")
+    return bulk.from_row(Conversation, row)
 
 
 def _set_session_paused(conversation: Conversation, paused: bool) -> bool:

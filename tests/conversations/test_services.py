@@ -9,7 +9,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from conversations import services
-from conversations.models import AgentState, AuditEntry, Command, ContactPause, Message
+from conversations.models import AgentState, AuditEntry, Command, ContactPause, Conversation, Message
 from tests.factories import ConversationFactory, OperatorFactory
 
 pytestmark = pytest.mark.django_db
@@ -39,6 +39,31 @@ def test_confirmation_marks_paused_with_a_divider(operator, make_conversation):
     assert conversation.ai_paused
     assert conversation.messages.get(direction="note").text == "Ana Silva took over"
     assert AuditEntry.objects.get().outcome == "confirmed"
+
+
+def test_the_confirmed_command_comes_with_its_operator_and_its_audit_entry_closed(
+    operator, make_conversation, django_assert_num_queries
+):
+    conversation = make_conversation()
+    command = services.conversation_take_over(conversation=conversation, operator=operator)
+    confirmed = services._command_confirmed(command.pk, timezone.now())
+    with django_assert_num_queries(0):
+        assert confirmed.operator == operator  # read with it, for the divider
+    assert (confirmed.status, confirmed.completed_at is not None) == ("confirmed", True)
+    assert AuditEntry.objects.get(command=command).outcome == "confirmed"
+    assert services._command_confirmed(command.pk, timezone.now()) is None  # once
+
+
+def test_confirming_a_pause_of_a_paused_conversation_leaves_its_row_unmoved(
+    operator, make_conversation
+):
+    conversation = make_conversation()
+    Conversation.objects.filter(pk=conversation.pk).update(ai_paused=True)
+    before = Conversation.objects.get(pk=conversation.pk).updated_at
+    paused = services._paused_locked(conversation.pk)
+    assert paused.ai_paused and paused.updated_at == before
+    with pytest.raises(Conversation.DoesNotExist):
+        services._paused_locked(conversation.pk + 1000)
 
 
 def test_first_operator_holds_and_the_second_must_force(operator, other_operator, make_conversation):
