@@ -56,30 +56,43 @@ TITLES = {
 # Analysis per missed target, written from the profiles of real runs (figures: the
 # 2026-11-21 runs on this 2-core machine; the generated numbers above are the latest).
 MISSED: dict[str, str] = {
+    "fanout": """
+**2026-12-04 (66372f1):** p50 11.8-12.8 ms and p99 17.4-18.7 ms at N=100 over the
+three passes (targets 15 and 40: met), but 2.1-2.6x the floor's p99 (target 1.5x). The
+floor at N=100 (4.7-5.9 ms p50, 7.1-9.0 ms p99) is the real path's own delivery, one
+PUBLISH per Daphne written to its sockets in memory, without the worker; what the
+real path adds on top is the worker's constant path, ~6 ms p50 (see Fan-out at N=1),
+already most of a 7-9 ms floor. Within 1.5x of it needs the worker's path under
+~3.5 ms, below what its commit costs here: one customer message's batch, alone
+against this PostgreSQL, is 2.3-2.5 ms before any screen may show it.
+""",
     "fanout_n1": """
-**This round (2026-12-03, commits 72bb607..b2bfd84).** p50 12.8 -> 8.6-9.6 ms (a quick
-run 8.6; the full run's three passes 8.8, 14.7 and 9.6, the last kept). One customer
-message's batch takes five statements before its commit instead of eight: the
-conversations and the agent's handoff policy are read and locked by one written-out
-`SELECT … LEFT JOIN … FOR UPDATE OF c` (the ORM spent more compiling the lock and the
-policy's `get_or_create` than their round trips cost), the message is inserted with
-`INSERT … ON CONFLICT (message_id) DO NOTHING RETURNING` (`bulk.insert_new`: no read
-of the repeats first; a repeat under a session never seen still creates nothing), and
-the spool cursor is one upsert. `store_batch` of one message, alone against this
-machine's PostgreSQL (300 in a row): 7.9-9.2 -> 4.8-5.4 ms.
+**2026-12-04 (66372f1):** p50 6.2-7.2 ms over three passes (8.6-14.7 ms on 2026-12-03,
+on another host, an AMD EPYC where other processes used 1.5-2.7 cores; this one is an
+Intel Xeon, 0.3-0.8 cores used by others). The path itself did not change this round.
 
-**Where the time goes now** (timestamps in the worker and Daphne, one clock): the
-simulator to the worker's socket 0.3-0.7 ms; the event loop to the ORM thread 0.4 ms;
-the batch ~5 ms: six round trips (BEGIN, the lock, the insert, the inbox columns, the
-cursor, COMMIT) at ~0.32 ms each on this machine's loopback (`SELECT 1` measured
-0.32 ms), the commit's fsync, the ORM's and psycopg's Python, the bubble's template
-(~0.5 ms); then the hand-off to the loop, the PUBLISH and Daphne ~1 ms.
+**Where the time goes** (timestamps in the harness, the worker and Daphne, one clock,
+200 samples at N=1, taken with a browser test running beside it): the simulator to
+the worker's socket 0.52 ms; into the spool and out to the store loop 0.28 ms; the
+hop to the ORM thread 0.31 ms; the batch 4.7 ms (the lock, with psycopg's BEGIN,
+0.69; the insert 0.62; the inbox columns 0.45; the spool cursor 0.16; the ingest's
+Python between them ~0.9; COMMIT 1.0-1.25); the bubble's template 0.64 ms; the
+hand-off to the event loop 0.15 ms and the PUBLISH 0.45 ms; Daphne to the harness's
+socket 0.5 ms: 7.9 ms in all. The same batch alone against this PostgreSQL (nothing
+else running, 300 in a row) takes 2.3-2.5 ms, 63 % of it waiting on the server
+(seven round trips; COMMIT 0.32 ms): the rest of the worker's 4.7 ms is sharing two
+cores with the harness, Daphne and the simulator.
 
-**What would close it:** BEGIN and the cursor's upsert sent with the statements beside
-them (psycopg's pipeline mode, which Django does not use), the bubble rendered while
-the transaction waits on the database. With six round trips and an fsync before any
-screen may show the message, ~4 ms is this machine's floor for a commit-first path,
-so the 5 ms target stays out of reach here without giving that rule up.
+**Tried and dropped:** psycopg's server-side binding (prepared statements) for the
+batch, 2.27/2.33 -> 2.40/2.53 ms; keeping the worker's pooled connection between
+batches instead of handing it back, 0.1 ms.
+
+**What would close it:** on an idle machine the commit-first path adds up to ~4.5 ms
+(0.5 before the worker, the 2.3 ms batch, the template, ~1 ms of hand-off, PUBLISH and
+Daphne), so 5 ms is within reach only when the harness does not share the cores.
+Left: publishing from the ORM thread (saves the hop to the loop and ~0.3 ms of the
+async client, but a stalled Redis would then stall storing) and rendering the bubble
+while COMMIT waits on the server.
 
 **Earlier (2026-12-02, commits f0fe1c6..9aa0029).** p50 19.2 -> 14.4 -> 10.5-12.8 ms:
 the one-message batch from 17 statements to 8 (no savepoints on the fast path, the
@@ -89,25 +102,21 @@ read and rendered after its other fragments are published
 (`PinecallBridge._write_then_rows`).
 """,
     "fanout_n100": """
-p50 19.1-22.3 ms over this run's three passes (21.9 last round), **p99 25.7-36.7 ms
-(target 40: met)**; the p50 target (15 ms) is missed, and the p99 ratio to the floor
-(2.0x, target 1.5x) too. The transport floor is 8.3-9.9 ms p50 at N=100 here: the
-harness reads 100 sockets in one Python process and Daphne frames the fragment once
-per socket (the fan-out's delivery loop is the transport floor's own: one PUBLISH per
-process, written to its sockets in memory). What is above it is the worker's constant
-path, the same ~8 ms as at N=1 (see there). Framing the fragment once per process
-and writing the same bytes to every socket would lower both.
+**2026-12-04 (66372f1): met**, p50 11.8-12.8 ms, p99 17.4-18.7 ms over three passes
+(19.1-22.3 and 25.7-36.7 on 2026-12-03, on another, busier host). The transport floor is
+4.5-4.9 ms p50 at N=100: the harness reads 100 sockets in one Python process and
+Daphne frames the fragment once per socket. What is above it is the worker's constant
+path, the same ~6 ms as at N=1 (see there).
 """,
     "scale": """
-**This run (2026-12-03):** p99 163.8 ms in the first pass with the floor at 157.5 ms
-(1.04x: both targets met in that pass), then 250.8 and 289.1 ms while other processes
-used 1.7-2.4 cores; p50 96-102 ms (1.6-1.7x the floor's). The table keeps the pass
-with the least measured disturbance, and here that is the worst of the three: the
-disturbance measured is mostly the kernel's writeback threads, which this stack's
-own commits drive too. With 40 samples a p99 is the worst one or two. What is above
-the floor is the worker's constant path (see Fan-out at N=1) plus each Daphne framing
-the fragment 500 times in autobahn: frame once per process, write the same bytes to
-every socket.
+**2026-12-04 (66372f1):** p99 87.3, 108.2 and 94.8 ms over three passes (target 200:
+met), the floor's p99 in the same passes 45.8, 78.0 and 46.4 ms: 1.91x, 1.39x (met in
+that pass) and 2.04x; p50 63.7-71.3 ms, 1.6-1.7x the floor's. 43.0-45.1 KB per idle
+socket, the idle worker 0.6-0.7 % of a core (both met). With 40 samples a p99 is the
+worst one or two, and the floor's own p99 moves from 46 to 78 ms between passes. What
+is above the floor is the worker's constant path (see Fan-out at N=1) plus each Daphne
+framing the fragment 500 times in autobahn (the profile below): frame once per
+process and write the same bytes to every socket.
 
 **Earlier:** p99 311 -> 165 ms: an inbox row's viewer mark read the user row of every
 viewer (1,000 here) to name nine; it reads a dozen (`selectors.conversation_viewers`).
@@ -213,6 +222,24 @@ OTHER = """
   (before: every browser GET `/c/<pk>/state/`, 8 queries each).
 - Memory is fine: ~41 KB per idle socket, and 1,000 sockets stayed open through a
   15 s idle period.
+- **Round trip: met on 2026-12-04** (66372f1): Take over p50 22.3-25.4 ms, p99
+  28.0-29.8; Send p50 20.3-24.0 ms, p99 25.0-28.0 (three passes). The timeline of a Take
+  over (timestamps in the harness, Daphne and the worker, one clock, 31 samples on a
+  quiet machine, before the last change): the POST reaching the view 4.3 ms (HTTP, the
+  session's and the user's reads, the thread hop); the conversation read 1.3; the take
+  over's transaction 7.1 (13 statements); the wake-up and the worker's claim 3.1;
+  Pinecall 0.85; the confirmation's transaction 8.2 (11 statements); PUBLISH to Daphne
+  1.0; the other operator's header (facts read once, their template on a pool thread)
+  4.3; to their socket 0.5: 31.4 ms. The last change took three statements out of the
+  confirmation: the command's update, its audit entry's and the operator's read in one
+  `WITH … UPDATE … RETURNING` (PostgreSQL), and a confirmed pause's conversation
+  locked and marked in one `UPDATE … RETURNING`. Interleaved A/B, three pairs of 100
+  samples: Take over p50 30.1/30.0/28.6 -> 25.3/29.2/25.7 ms (p99 34-39 -> 32-33),
+  Send 28.0/26.0/27.4 -> 24.6/26.1/24.4 ms. The rest of the gap to the earlier
+  rounds' 40-60 ms is the machine: this run's host is an Intel Xeon where other
+  processes used 0.3 cores, the earlier rounds' an AMD EPYC where they used 1.9. Next, if it is needed: the take over's own 13 statements (the permission
+  check's two reads, the episode's read before its insert, the command and its audit
+  row in one statement).
 """
 
 METHOD = """
