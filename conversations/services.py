@@ -87,13 +87,15 @@ def _refuse(
     action: str,
     reason: str,
     operator=None,
-    conversation: Conversation | None = None,
+    conversation: Conversation | int | None = None,
     call: Call | None = None,
     contact_phone: str = "",
     agent_id: str = "",
     **_,
 ) -> AuditEntry:
     """Audit a refused action: who, what, why."""
+    if isinstance(conversation, int):  # the action was given its pk (it reads it itself)
+        conversation = Conversation.objects.filter(pk=conversation).first()
     party = conversation or call
     if call is not None:
         reason = f"{reason} (call {call.call_id})"
@@ -219,7 +221,7 @@ def conversation_window_open(conversation: Conversation, *, now=None) -> bool:
 
 @_audits_refusals(AuditEntry.Action.TAKE_OVER)
 def conversation_take_over(
-    *, conversation: Conversation, operator: AbstractBaseUser, force: bool = False
+    *, conversation: Conversation | int, operator: AbstractBaseUser, force: bool = False
 ) -> Command:
     """Claim the conversation for `operator` and ask Pinecall to pause its AI.
 
@@ -342,7 +344,7 @@ def conversation_send(
 
 @_audits_refusals(AuditEntry.Action.HAND_BACK)
 def conversation_hand_back(
-    *, conversation: Conversation, operator: AbstractBaseUser, force: bool = False
+    *, conversation: Conversation | int, operator: AbstractBaseUser, force: bool = False
 ) -> Command | None:
     """Ask Pinecall to resume the AI; the holder stays until Pinecall confirms.
 
@@ -1104,7 +1106,7 @@ def handoff_step_aside(*, conversation: Conversation, policy: HandoffPolicy) -> 
 
 
 @_audits_refusals(AuditEntry.Action.KEEP)
-def conversation_keep(*, conversation: Conversation, operator: AbstractBaseUser) -> Conversation:
+def conversation_keep(*, conversation: Conversation | int, operator: AbstractBaseUser) -> Conversation:
     """"Keep it": the holder is still on it; the idle clock starts again."""
     _require(operator, TAKE_OVER_PERMISSION)
     conversation = _locked(conversation)

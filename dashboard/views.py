@@ -9,7 +9,7 @@ status when the action was refused (htmx is configured to swap 403/409/422).
 
 from __future__ import annotations
 
-from functools import wraps
+from functools import partial, wraps
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -261,15 +261,29 @@ REFUSALS = services.REFUSALS
 
 
 def _conversation_action(request: HttpRequest, pk: int, action, *, done: str = "") -> HttpResponse:
-    conversation = _conversation_or_404(pk)
+    """`action(pk)`, then this user's header and composer as the action left them.
+
+    The action reads (and locks) the conversation itself: reading it here first
+    was one more statement before the commit that the worker, and so every
+    viewer's confirmation, waits for.
+    """
+    conversation = Conversation(pk=pk)  # only its pk is used: the answer reads the facts fresh
     try:
-        action(conversation)
+        action(pk)
+    except Conversation.DoesNotExist:
+        raise Http404("No such conversation.") from None
     except REFUSALS as exc:
         status, message = _refusal(exc)
         return _state_response(
             request, conversation, status=status, toast=message, toast_level="error"
         )
     return _state_response(request, conversation, toast=done)
+
+
+def _contact_action(pk: int, action):
+    """`action(contact_phone=…, agent_id=…)` for the contact of conversation `pk`."""
+    conversation = _conversation_or_404(pk)
+    return action(contact_phone=conversation.contact_phone, agent_id=conversation.agent_id)
 
 
 def _force(request: HttpRequest) -> bool:
@@ -282,8 +296,8 @@ def take_over(request: HttpRequest, pk: int) -> HttpResponse:
     return _conversation_action(
         request,
         pk,
-        lambda c: services.conversation_take_over(
-            conversation=c, operator=request.user, force=_force(request)
+        lambda pk: services.conversation_take_over(
+            conversation=pk, operator=request.user, force=_force(request)
         ),
     )
 
@@ -294,8 +308,8 @@ def hand_back(request: HttpRequest, pk: int) -> HttpResponse:
     return _conversation_action(
         request,
         pk,
-        lambda c: services.conversation_hand_back(
-            conversation=c, operator=request.user, force=_force(request)
+        lambda pk: services.conversation_hand_back(
+            conversation=pk, operator=request.user, force=_force(request)
         ),
     )
 
@@ -342,7 +356,7 @@ def keep(request: HttpRequest, pk: int) -> HttpResponse:
     return _conversation_action(
         request,
         pk,
-        lambda c: services.conversation_keep(conversation=c, operator=request.user),
+        lambda pk: services.conversation_keep(conversation=pk, operator=request.user),
         done="Kept: the idle clock starts again.",
     )
 
@@ -379,8 +393,8 @@ def pause_contact(request: HttpRequest, pk: int) -> HttpResponse:
     return _conversation_action(
         request,
         pk,
-        lambda c: services.contact_pause(
-            contact_phone=c.contact_phone, operator=request.user, agent_id=c.agent_id
+        lambda pk: _contact_action(
+            pk, partial(services.contact_pause, operator=request.user)
         ),
         done="Pausing the AI for this contact… waiting for Pinecall.",
     )
@@ -392,8 +406,8 @@ def resume_contact(request: HttpRequest, pk: int) -> HttpResponse:
     return _conversation_action(
         request,
         pk,
-        lambda c: services.contact_resume(
-            contact_phone=c.contact_phone, operator=request.user, agent_id=c.agent_id
+        lambda pk: _contact_action(
+            pk, partial(services.contact_resume, operator=request.user)
         ),
         done="Resuming the AI for this contact… waiting for Pinecall.",
     )

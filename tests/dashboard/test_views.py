@@ -297,6 +297,21 @@ class TestConversationPage:
     def test_missing_conversation_is_404(self, operator_client):
         assert operator_client.get("/c/999999/").status_code == 404
         assert post(operator_client, "/c/999999/take-over/").status_code == 404
+        assert post(operator_client, "/c/999999/hand-back/").status_code == 404
+        assert post(operator_client, "/c/999999/pause-contact/").status_code == 404
+
+    def test_a_take_over_reads_its_conversation_once_locked_not_before(self, operator_client):
+        from django.db import connection
+        from django.test.utils import CaptureQueriesContext
+
+        if connection.vendor != "postgresql":
+            pytest.skip("row locks: PostgreSQL")
+        c = ConversationFactory()
+        with CaptureQueriesContext(connection) as queries:
+            assert post(operator_client, f"/c/{c.pk}/take-over/").status_code == 200
+        table = Conversation._meta.db_table
+        reads = [q["sql"] for q in queries if q["sql"].lstrip().startswith("SELECT") and f'FROM "{table}"' in q["sql"]]
+        assert reads and "FOR UPDATE" in reads[0]
 
     def test_opening_a_conversation_i_hold_marks_it_read(self, operator_client, operator):
         c = ConversationFactory(held=True, held_by=operator, unread_count=4)
