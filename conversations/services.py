@@ -283,7 +283,7 @@ def conversation_take_over(
 
 @_audits_refusals(AuditEntry.Action.SEND)
 def conversation_send(
-    *, conversation: Conversation, operator: AbstractBaseUser, text: str
+    *, conversation: Conversation | int, operator: AbstractBaseUser, text: str
 ) -> Message:
     """Store the operator's reply at once (pending) and queue it for Pinecall.
 

@@ -267,17 +267,19 @@ def _conversation_action(request: HttpRequest, pk: int, action, *, done: str = "
     was one more statement before the commit that the worker, and so every
     viewer's confirmation, waits for.
     """
-    conversation = Conversation(pk=pk)  # only its pk is used: the answer reads the facts fresh
     try:
         action(pk)
     except Conversation.DoesNotExist:
         raise Http404("No such conversation.") from None
     except REFUSALS as exc:
+        # Refused before the action read it, perhaps (no permission): is it there at all?
+        conversation = _conversation_or_404(pk)
         status, message = _refusal(exc)
         return _state_response(
             request, conversation, status=status, toast=message, toast_level="error"
         )
-    return _state_response(request, conversation, toast=done)
+    # Only its pk is used: the answer reads the conversation's facts fresh.
+    return _state_response(request, Conversation(pk=pk), toast=done)
 
 
 def _contact_action(pk: int, action):
@@ -364,18 +366,19 @@ def keep(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def send(request: HttpRequest, pk: int) -> HttpResponse:
-    conversation = _conversation_or_404(pk)
     text = request.POST.get("text", "")
     try:
-        message = services.conversation_send(
-            conversation=conversation, operator=request.user, text=text
-        )
+        # Given the pk: the service reads and locks the conversation (see _conversation_action).
+        message = services.conversation_send(conversation=pk, operator=request.user, text=text)
+    except Conversation.DoesNotExist:
+        raise Http404("No such conversation.") from None
     except REFUSALS as exc:
+        conversation = _conversation_or_404(pk)
         status, error = _refusal(exc)
         # The composer keeps what was typed, with the reason beside it.
         return _state_response(request, conversation, status=status, error=error, draft=text)
     bubble = render_to_string("conversations/_message_live.html", {"message": message, "new": True})
-    return _state_response(request, conversation, draft="", extra=bubble)
+    return _state_response(request, message.conversation, draft="", extra=bubble)
 
 
 @login_required

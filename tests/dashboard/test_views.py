@@ -294,11 +294,17 @@ class TestConversationPage:
         oldest = oldest.content.decode()
         assert oldest.count('class="msg ') == 5 and "data-earlier" not in oldest
 
+    def test_missing_conversation_is_404_even_to_who_may_not_act_on_it(self, viewer_client):
+        assert post(viewer_client, "/c/999999/take-over/").status_code == 404
+        assert post(viewer_client, "/c/999999/send/", {"text": "hi"}).status_code == 404
+
     def test_missing_conversation_is_404(self, operator_client):
         assert operator_client.get("/c/999999/").status_code == 404
         assert post(operator_client, "/c/999999/take-over/").status_code == 404
         assert post(operator_client, "/c/999999/hand-back/").status_code == 404
         assert post(operator_client, "/c/999999/pause-contact/").status_code == 404
+        assert post(operator_client, "/c/999999/send/", {"text": "hi"}).status_code == 404
+        assert post(operator_client, "/c/999999/send/", {"text": ""}).status_code == 404
 
     def test_a_take_over_reads_its_conversation_once_locked_not_before(self, operator_client):
         from django.db import connection
