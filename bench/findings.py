@@ -237,11 +237,12 @@ OTHER = """
   samples: Take over p50 30.1/30.0/28.6 -> 25.3/29.2/25.7 ms (p99 34-39 -> 32-33),
   Send 28.0/26.0/27.4 -> 24.6/26.1/24.4 ms. The rest of the gap to the earlier
   rounds' 40-60 ms is the machine: this run's host is an Intel Xeon where other
-  processes used 0.3 cores, the earlier rounds' an AMD EPYC where they used 1.9. After that run (ab7d265), the take over's view no longer
-  reads the conversation before the service locks it: interleaved A/B, three pairs,
-  take over p50 27.9/24.9/21.7 -> 25.2/21.4/20.6 ms. Next, if it is needed: the take
-  over's other statements (the permission check's two reads, the episode's read before
-  its insert, the command and its audit row in one statement), and the same for Send.
+  processes used 0.3 cores, the earlier rounds' an AMD EPYC where they used 1.9. After that run, the actions' views no longer read the
+  conversation before the service locks it (ab7d265, 79bbf7e): interleaved A/B, three
+  pairs, take over p50 27.9/24.9/21.7 -> 25.2/21.4/20.6 ms; send 18.5/20.3/20.5 ->
+  21.6/19.2/20.0 ms (no change measurable). Next, if it is needed: the take over's
+  other statements (the permission check's two reads, the episode's read before its
+  insert, the command and its audit row in one statement).
 """
 
 METHOD = """
