@@ -12,8 +12,9 @@ Elsewhere (SQLite, the embedded demo) it is `bulk_update`.
 
 `insert_new` inserts what is not stored yet and says which it was, in one
 statement (`ON CONFLICT DO NOTHING RETURNING`) where a read of the repeats and
-then an insert were two. `columns` and `from_row` turn written-out SELECTs
-into model instances, converted as the ORM would.
+then an insert were two. `columns`, `from_row` and `from_row_with` (a row with
+a joined foreign key) turn written-out SELECTs into model instances, converted
+as the ORM would.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def from_row(model, values):
             value = converter(value, column, connection)
         converted.append(value)
     return model.from_db(connection.alias, [field.attname for field in model._meta.concrete_fields], converted)
+
+
+def from_row_with(model, related: str, values):
+    """From a row of `columns(model)` then `columns(<the model `related` points to>)` (a
+    LEFT JOIN): the instance with that related object cached (None where the join
+    found nothing), and the values after both, as a list."""
+    field = model._meta.get_field(related)
+    target = field.related_model
+    n, m = len(model._meta.concrete_fields), len(target._meta.concrete_fields)
+    obj = from_row(model, values[:n])
+    joined = values[n : n + m]
+    field.set_cached_value(obj, from_row(target, joined) if joined[0] is not None else None)
+    return obj, list(values[n + m :])
 
 
 def insert_new(objs: Iterable, *, unique: str) -> list:

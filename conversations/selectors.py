@@ -411,15 +411,8 @@ def conversation_facts_find(pk: int) -> ConversationFacts | None:
         row = cursor.fetchone()
         if row is None:
             return None
-        n_conversation = len(Conversation._meta.concrete_fields)
-        n_user = len(get_user_model()._meta.concrete_fields)
-        conversation = bulk.from_row(Conversation, row[:n_conversation])
-        user_values = row[n_conversation : n_conversation + n_user]
-        holder = bulk.from_row(get_user_model(), user_values) if user_values[0] is not None else None
-        Conversation._meta.get_field("held_by").set_cached_value(conversation, holder)
-        session_command, contact_command, contact_paused, agent_paused, idle_seconds = row[
-            n_conversation + n_user :
-        ]
+        conversation, rest = bulk.from_row_with(Conversation, "held_by", row)
+        session_command, contact_command, contact_paused, agent_paused, idle_seconds = rest
         ids = [i for i in (session_command, contact_command) if i]
         commands = {}
         if ids:

@@ -585,10 +585,7 @@ def _command_confirmed(pk: int, now) -> Command | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    n = len(Command._meta.concrete_fields)
-    command = bulk.from_row(Command, row[:n])
-    operator = bulk.from_row(user_model, row[n:]) if row[n] is not None else None
-    Command._meta.get_field("operator").set_cached_value(command, operator)
+    command, _ = bulk.from_row_with(Command, "operator", row)
     return command
 
 

@@ -7,7 +7,9 @@ from datetime import timedelta
 import re
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from conversations import services
@@ -307,9 +309,6 @@ class TestConversationPage:
         assert post(operator_client, "/c/999999/send/", {"text": ""}).status_code == 404
 
     def test_a_take_over_reads_its_conversation_once_locked_not_before(self, operator_client):
-        from django.db import connection
-        from django.test.utils import CaptureQueriesContext
-
         if connection.vendor != "postgresql":
             pytest.skip("row locks: PostgreSQL")
         c = ConversationFactory()
@@ -686,9 +685,6 @@ class TestContactAndAgent:
 
 
 def _count_queries(client, url, **extra) -> int:
-    from django.db import connection
-    from django.test.utils import CaptureQueriesContext
-
     with CaptureQueriesContext(connection) as ctx:
         response = client.get(url, **extra)
     assert response.status_code == 200
