@@ -8,7 +8,10 @@ is the slowest statement before the commit that every live screen waits for.
 On PostgreSQL `update_rows` sends `UPDATE … FROM UNNEST(…)` instead, one array
 per column (as Django's own `bulk_create` does there): a statement of a few
 placeholders whatever the rows, which psycopg need not parse per value.
-Elsewhere (SQLite, the embedded demo) it is `bulk_update`.
+Elsewhere (SQLite, the embedded demo) it is `bulk_update`. One row (most of the
+live stream: a customer's message, one at a time) is a placeholder per value on
+either: psycopg dumps scalars faster than one-element arrays. The statements are
+made once per model and fields (`functools.cache`).
 
 `insert_new` inserts what is not stored yet and says which it was, in one
 statement (`ON CONFLICT DO NOTHING RETURNING`) where a read of the repeats and
@@ -80,24 +83,17 @@ def insert_new(objs: Iterable, *, unique: str) -> list:
     if not objs:
         return []
     model = type(objs[0])
-    meta = model._meta
     db = connections[router.db_for_write(model)]
-    key = meta.get_field(unique)
-    fields = [field for field in meta.concrete_fields if field is not meta.pk]
-    quote = db.ops.quote_name
-    into = ", ".join(quote(field.column) for field in fields)
-    head = f"INSERT INTO {quote(meta.db_table)} ({into})"
-    tail = f"ON CONFLICT ({quote(key.column)}) DO NOTHING RETURNING {quote(meta.pk.column)}, {quote(key.column)}"
+    fields, head, tail, arrays = _insert_sql(model, unique, db.alias)
     rows = [[field.get_db_prep_save(field.pre_save(obj, True), db) for field in fields] for obj in objs]
     returned: list = []
     with db.cursor() as cursor:
-        if db.vendor == "postgresql":
-            arrays = ", ".join(f"%s::{field.db_type(db).split('(')[0]}[]" for field in fields)
+        if db.vendor == "postgresql" and len(rows) > 1:
             for start in range(0, len(rows), CHUNK):
                 chunk = rows[start : start + CHUNK]
                 cursor.execute(f"{head} SELECT * FROM UNNEST({arrays}) {tail}", [list(c) for c in zip(*chunk)])
                 returned += cursor.fetchall()
-        else:
+        else:  # one row (most of the live stream), or SQLite: a placeholder per value
             one = "(" + ", ".join(["%s"] * len(fields)) + ")"
             for start in range(0, len(rows), VALUES_CHUNK):
                 chunk = rows[start : start + VALUES_CHUNK]
@@ -106,7 +102,7 @@ def insert_new(objs: Iterable, *, unique: str) -> list:
                 returned += cursor.fetchall()
     # Rows come back in the order given (as Django's bulk_create relies on), repeats
     # skipped: walk both together.
-    at = fields.index(key)
+    at = fields.index(model._meta.get_field(unique))
     inserted = []
     pending = iter(returned)
     row = next(pending, None)
@@ -119,6 +115,27 @@ def insert_new(objs: Iterable, *, unique: str) -> list:
     return inserted
 
 
+@functools.cache
+def _insert_sql(model, unique: str, alias: str) -> tuple[list, str, str, str]:
+    """`insert_new`'s statement parts, made once per model: asking each field its
+    column type took longer than the one-row statement's round trip."""
+    db = connections[alias]
+    meta = model._meta
+    quote = db.ops.quote_name
+    fields = [field for field in meta.concrete_fields if field is not meta.pk]
+    into = ", ".join(quote(field.column) for field in fields)
+    head = f"INSERT INTO {quote(meta.db_table)} ({into})"
+    key = meta.get_field(unique)
+    tail = f"ON CONFLICT ({quote(key.column)}) DO NOTHING RETURNING {quote(meta.pk.column)}, {quote(key.column)}"
+    arrays = ", ".join(f"%s::{_array_type(field, db)}[]" for field in fields)
+    return fields, head, tail, arrays
+
+
+def _array_type(field, db) -> str:
+    """The field's column type without a length, for an array cast (varchar[], not varchar(200)[])."""
+    return field.db_type(db).split("(")[0]
+
+
 def update_rows(objs: Iterable, fields: Iterable[str]) -> int:
     """Save `fields` of every object in `objs` (one model), as `bulk_update` would.
 
@@ -126,31 +143,26 @@ def update_rows(objs: Iterable, fields: Iterable[str]) -> int:
     Returns how many rows were updated.
     """
     objs = list(objs)
-    names = list(dict.fromkeys(fields))  # each column once, in order
+    names = tuple(dict.fromkeys(fields))  # each column once, in order
     if not objs or not names:
         return 0
     model = type(objs[0])
     connection = connections[router.db_for_write(model)]
+    columns, one_row, many_rows = _update_sql(model, names, connection.alias)
+    if len(objs) == 1:  # most of the live stream: a placeholder per value, any database
+        obj = objs[0]
+        values = [column.get_db_prep_save(getattr(obj, column.attname), connection) for column in columns]
+        with connection.cursor() as cursor:
+            cursor.execute(one_row, [*values[1:], values[0]])
+            return cursor.rowcount
     if connection.vendor != "postgresql":
-        return model.objects.bulk_update(objs, names)
-    meta = model._meta
-    columns = [meta.pk, *(meta.get_field(name) for name in names)]
-    quote = connection.ops.quote_name
-    # An array per column, cast to its type (without a length: varchar[], not varchar(200)[]).
-    arrays = ", ".join(f"%s::{column.db_type(connection).split('(')[0]}[]" for column in columns)
-    into = ", ".join(quote(column.column) for column in columns)
-    assign = ", ".join(f"{quote(c.column)} = v.{quote(c.column)}" for c in columns[1:])
-    pk = quote(meta.pk.column)
-    sql = (
-        f"UPDATE {quote(meta.db_table)} AS t SET {assign} "
-        f"FROM UNNEST({arrays}) AS v({into}) WHERE t.{pk} = v.{pk}"
-    )
+        return model.objects.bulk_update(objs, list(names))
     updated = 0
     with connection.cursor() as cursor:
         for start in range(0, len(objs), CHUNK):
             chunk = objs[start : start + CHUNK]
             cursor.execute(
-                sql,
+                many_rows,
                 [
                     [column.get_db_prep_save(getattr(obj, column.attname), connection) for obj in chunk]
                     for column in columns
@@ -158,3 +170,25 @@ def update_rows(objs: Iterable, fields: Iterable[str]) -> int:
             )
             updated += cursor.rowcount
     return updated
+
+
+@functools.cache
+def _update_sql(model, names: tuple[str, ...], alias: str) -> tuple[list, str, str]:
+    """`update_rows`' columns (the primary key first) and its two statements: one row
+    (`SET c = %s … WHERE pk = %s`) and many (PostgreSQL's `UPDATE … FROM UNNEST`,
+    an array per column), made once per model and set of fields."""
+    connection = connections[alias]
+    meta = model._meta
+    columns = [meta.pk, *(meta.get_field(name) for name in names)]
+    quote = connection.ops.quote_name
+    table, pk = quote(meta.db_table), quote(meta.pk.column)
+    one_row = (
+        f"UPDATE {table} SET " + ", ".join(f"{quote(c.column)} = %s" for c in columns[1:]) + f" WHERE {pk} = %s"
+    )
+    if connection.vendor != "postgresql":
+        return columns, one_row, ""
+    arrays = ", ".join(f"%s::{_array_type(column, connection)}[]" for column in columns)
+    into = ", ".join(quote(column.column) for column in columns)
+    assign = ", ".join(f"{quote(c.column)} = v.{quote(c.column)}" for c in columns[1:])
+    many_rows = f"UPDATE {table} AS t SET {assign} FROM UNNEST({arrays}) AS v({into}) WHERE t.{pk} = v.{pk}"
+    return columns, one_row, many_rows

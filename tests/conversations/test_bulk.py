@@ -69,3 +69,33 @@ def test_a_repeat_under_a_session_never_seen_creates_no_conversation():
         agent_id="support", session_id="wa-other", contact_phone="346", message_id="w.7", text="x"
     ) is None
     assert list(Conversation.objects.values_list("session_id", flat=True)) == ["wa-s"]
+
+
+@pytest.mark.django_db
+def test_insert_new_of_one_row_inserts_it_once():
+    conversation = ConversationFactory()
+    first = bulk.insert_new([inbound(conversation, "w.one", "first")], unique="message_id")
+    again = bulk.insert_new([inbound(conversation, "w.one", "again")], unique="message_id")
+    assert [m.pk for m in first] == list(Message.objects.values_list("pk", flat=True))
+    assert again == []
+    assert list(Message.objects.values_list("text", flat=True)) == ["first"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("rows", [1, 3])
+def test_update_rows_writes_the_fields_named_and_nothing_else(rows):
+    conversations = [ConversationFactory(contact_name=f"Before {i}", message_count=1) for i in range(rows)]
+    untouched = ConversationFactory(contact_name="Other", message_count=1)
+    for i, conversation in enumerate(conversations):
+        conversation.contact_name = f"After {i}"
+        conversation.message_count = 10 + i
+        conversation.contact_phone = "not saved"
+    with CaptureQueriesContext(connection) as queries:
+        updated = bulk.update_rows(conversations, ["contact_name", "message_count", "contact_name"])
+    assert updated == rows
+    assert len(queries) == 1
+    stored = {c.pk: c for c in Conversation.objects.all()}
+    for i, conversation in enumerate(conversations):
+        assert (stored[conversation.pk].contact_name, stored[conversation.pk].message_count) == (f"After {i}", 10 + i)
+        assert stored[conversation.pk].contact_phone != "not saved"
+    assert (stored[untouched.pk].contact_name, stored[untouched.pk].message_count) == ("Other", 1)
