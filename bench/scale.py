@@ -20,7 +20,7 @@ from bench.stack import Stack, conversation_pk, orm
 
 OPERATORS = 1000
 DAPHNES = 2
-SAMPLES = 40
+SAMPLES = 100  # per kind: a p99 of 40 was the worst one or two samples
 WARMUP = 5
 WARM_SOCKETS = 10  # per Daphne, opened and closed before the memory is read
 IDLE_SECONDS = 20.0

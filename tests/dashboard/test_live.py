@@ -39,6 +39,11 @@ def received(layer, channel: str) -> str:
     return async_to_sync(layer.receive)(channel)["html"]
 
 
+def assert_nothing_more(layer, channel: str) -> None:
+    queue = layer.channels.get(channel)
+    assert queue is None or queue.empty(), "more frames were sent"
+
+
 class TestBroadcasts:
     def test_message_added_goes_to_the_conversation_and_the_inbox(self, layer):
         message = MessageFactory(text="Is it in stock?")
@@ -61,13 +66,14 @@ class TestBroadcasts:
         with notify.coalesced(), django_capture_on_commit_callbacks(execute=True):
             for message in messages:
                 notify.after_commit(notify.message_added, message)
-        frames = [received(layer, ops) for _ in range(5)]  # three rows, the counts, the hint
-        rows = [html for html in frames if 'id="inbox-incoming"' in html]
+        frame = received(layer, ops)  # one frame: three rows, the hint, the counts
+        assert_nothing_more(layer, ops)
+        rows = frame.split('<div id="inbox-incoming"')[1:]
         # The newest three, oldest first (each lands on top of the one before).
-        assert [f'id="row-{m.conversation_id}"' in html for m, html in zip(messages[2:], rows)] == [True] * 3
         assert len(rows) == 3
-        hint = [html for html in frames if 'id="inbox-sync"' in html]
-        assert len(hint) == 1 and 'data-refresh="quiet"' in hint[0]
+        assert [f'id="row-{m.conversation_id}"' in html for m, html in zip(messages[2:], rows)] == [True] * 3
+        assert frame.count('id="inbox-sync"') == 1 and 'data-refresh="quiet"' in frame
+        assert 'id="tab-count-needs"' in frame
 
     def test_a_batch_within_a_page_sends_every_row_and_no_reload(
         self, layer, settings, django_capture_on_commit_callbacks
@@ -78,9 +84,10 @@ class TestBroadcasts:
         with notify.coalesced(), django_capture_on_commit_callbacks(execute=True):
             for message in messages:
                 notify.after_commit(notify.message_added, message)
-        frames = [received(layer, ops) for _ in range(4)]  # three rows, the counts
-        assert sum('id="inbox-incoming"' in html for html in frames) == 3
-        assert not any('id="inbox-sync"' in html for html in frames)
+        frame = received(layer, ops)  # one frame: three rows, the counts
+        assert_nothing_more(layer, ops)
+        assert frame.count('id="inbox-incoming"') == 3
+        assert 'id="inbox-sync"' not in frame and 'id="tab-count-needs"' in frame
 
     def test_message_changed_replaces_the_bubble(self, layer):
         message = MessageFactory(ai=True, status="delivered")
