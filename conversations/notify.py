@@ -546,17 +546,32 @@ def listened(groups) -> set[str]:
     return heard
 
 
-# Made on first use, for the configured URL (tests point it elsewhere).
-_sync_client: tuple[str, redis.Redis] | None = None
+# Made on first use, for the configured URL (tests point it elsewhere), one per timeout.
+_sync_clients: dict[float, tuple[str, redis.Redis]] = {}
 _async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _sync_redis() -> redis.Redis:
-    global _sync_client
+def _sync_redis(timeout: float = 2.0) -> redis.Redis:
     url = settings.REDIS_URL
-    if _sync_client is None or _sync_client[0] != url:
-        _sync_client = (url, redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0))
-    return _sync_client[1]
+    made = _sync_clients.get(timeout)
+    if made is None or made[0] != url:
+        made = _sync_clients[timeout] = (
+            url, redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        )
+    return made[1]
+
+
+PUBLISH_NOW_TIMEOUT = 0.2  # seconds: how long `publish_now` may hold its thread
+
+
+def publish_now(group: str, message: dict) -> bool:
+    """PUBLISH a fan-out message (a fragment, a state change) from this thread, waiting
+    at most `PUBLISH_NOW_TIMEOUT` for Redis. False, nothing sent, for any other message
+    (those go over the channel layer); raises if Redis does not answer in time."""
+    if not _published(message):
+        return False
+    _sync_redis(PUBLISH_NOW_TIMEOUT).publish(fanout_channel(group), _payload(message))
+    return True
 
 
 def _async_redis() -> aioredis.Redis:

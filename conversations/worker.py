@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -78,6 +79,8 @@ OUTBOX_BATCH = 200
 INGEST_BATCH = 2000
 # How long a write's inbox rows wait for its other fragments to be published.
 ROWS_WAIT_SECONDS = 0.05
+# After Redis failed a fragment's PUBLISH from the ORM thread: the loop publishes for this long.
+DIRECT_PUBLISH_PAUSE = 10.0
 HEARTBEAT_SECONDS = 5.0
 HANDOFF_TICK_SECONDS = 1.0
 # After losing the lock, how long the worker keeps its Pinecall connection
@@ -496,6 +499,10 @@ class PinecallBridge:
         self._anchors = ReplyAnchors()
         self._stored_seq = 0  # of the active segment
         self._broadcasts: asyncio.Queue = asyncio.Queue()
+        # Sends handed to the loop and not yet made (`_publish_directly` waits for none).
+        self._handed = 0
+        self._handed_lock = threading.Lock()
+        self._direct_paused_until = 0.0  # monotonic: after Redis failed a direct PUBLISH
         self._wake = asyncio.Event()
         self._registered = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -554,18 +561,57 @@ class PinecallBridge:
             notify.send_through(None, replacing=sender)
 
     def _install_sender(self, loop: asyncio.AbstractEventLoop):
-        """Route this process's group sends through `loop` (`_send_broadcasts`)."""
+        """Route this process's group sends: published at once from the ORM thread where
+        that keeps their order (`_publish_directly`), else through `loop` (`_send_broadcasts`)."""
 
         def sender(group, message):
+            if not self._on_loop(loop) and self._publish_directly(group, message):
+                return
+            with self._handed_lock:
+                self._handed += 1
             try:
                 loop.call_soon_threadsafe(self._broadcasts.put_nowait, (group, message))
             except RuntimeError:  # the loop is closed: this bridge is gone, send directly
+                with self._handed_lock:
+                    self._handed -= 1
                 notify.send_through(None, replacing=sender)
                 notify.send(group, message)
 
         self._sender = sender
         notify.send_through(sender)
         return sender
+
+    @staticmethod
+    def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+        try:
+            return asyncio.get_running_loop() is loop
+        except RuntimeError:
+            return False
+
+    def _publish_directly(self, group: str, message: dict) -> bool:
+        """PUBLISH a fragment from this (ORM) thread instead of handing it to the loop:
+        the hop and the async client were most of a millisecond before every screen.
+
+        Only while nothing handed to the loop is still unsent (so the order stays), and
+        not for `DIRECT_PUBLISH_PAUSE` seconds after Redis failed to answer within
+        `notify.PUBLISH_NOW_TIMEOUT`: a stalled Redis delays storing by that once, then
+        fragments wait on the loop again, as before. A fragment whose PUBLISH failed is
+        dropped, not sent twice (it may have reached Redis): at most once, like the rest.
+        """
+        if time.monotonic() < self._direct_paused_until:
+            return False
+        with self._handed_lock:
+            if self._handed:
+                return False
+        try:
+            return notify.publish_now(group, message)
+        except Exception as error:
+            self._direct_paused_until = time.monotonic() + DIRECT_PUBLISH_PAUSE
+            logger.warning(
+                "could not notify group %s (%s); fragments go through the event loop for %.0f s",
+                group, error, DIRECT_PUBLISH_PAUSE,
+            )
+            return True
 
     async def _run(self) -> None:
         self._spawn(self._send_broadcasts(), vital=True)
@@ -881,6 +927,8 @@ class PinecallBridge:
             except Exception as error:  # Redis down: browsers catch up from the database
                 logger.warning("could not notify group %s: %s", group, error)
             finally:
+                with self._handed_lock:
+                    self._handed -= 1
                 self._broadcasts.task_done()
 
     async def _write_then_rows(self, write: Callable, *args, **kwargs) -> None:

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import time
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -375,13 +376,99 @@ def test_a_sender_whose_loop_is_gone_steps_aside():
     sender = bridge._install_sender(loop)
     loop.close()
     try:
-        notify.send("operators", {"type": "live.html", "html": "<p>after the bridge</p>"})
+        # Not a fragment (those a thread may publish itself): for the loop, which is gone.
+        notify.send("operators", {"type": "live.revoked", "session_key": ""})
         assert notify._sender is None
         notify.send_through(sender)
         notify.send_through(None, replacing=lambda group, message: None)  # another's: kept
         assert notify._sender is sender
     finally:
         notify.send_through(None)
+
+
+class LoopSends:
+    """`notify.group_send` replaced: the sends the event loop made, in order; held
+    while `held` is clear, as a Redis that is slow to answer would hold them."""
+
+    def __init__(self) -> None:
+        self.made: list[str] = []
+        self.held = asyncio.Event()
+        self.held.set()
+
+    async def __call__(self, group, message):
+        await self.held.wait()
+        self.made.append(message["html"])
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="the fan-out runs on Redis only")
+async def test_with_redis_the_orm_thread_publishes_a_fragment_itself_and_in_order(monkeypatch):
+    from conversations import notify
+
+    loop_sends = LoopSends()
+    monkeypatch.setattr(notify, "group_send", loop_sends)
+    bridge = PinecallBridge()
+    sender = bridge._install_sender(asyncio.get_running_loop())
+    sending = asyncio.create_task(bridge._send_broadcasts())
+    consumer = notify._async_redis().pubsub()
+    await consumer.subscribe(notify.fanout_channel("direct-test"))
+    await consumer.get_message(timeout=2)  # the subscription's confirmation
+
+    async def published() -> list[str]:
+        got = []
+        while (message := await consumer.get_message(ignore_subscribe_messages=True, timeout=0.5)) is not None:
+            got.append(message["data"].decode())
+        return got
+
+    try:
+        # From the ORM thread with nothing waiting on the loop: published there and then.
+        await asyncio.to_thread(notify.send_html, "direct-test", "<p>one</p>")
+        assert await published() == ["<p>one</p>"] and loop_sends.made == []
+        # One handed to the loop first (sent on the loop, held): the next waits behind it.
+        loop_sends.held.clear()
+        notify.send_html("direct-test", "<p>two</p>")
+        await asyncio.to_thread(notify.send_html, "direct-test", "<p>three</p>")
+        assert await published() == []
+        loop_sends.held.set()
+        await asyncio.wait_for(bridge._broadcasts.join(), 5)
+        assert loop_sends.made == ["<p>two</p>", "<p>three</p>"]
+        # Nothing handed any more: the ORM thread publishes itself again.
+        await asyncio.to_thread(notify.send_html, "direct-test", "<p>four</p>")
+        assert await published() == ["<p>four</p>"]
+        assert loop_sends.made == ["<p>two</p>", "<p>three</p>"]
+    finally:
+        notify.send_through(None, replacing=sender)
+        sending.cancel()
+        await consumer.aclose()
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="the fan-out runs on Redis only")
+async def test_with_redis_a_redis_that_does_not_answer_holds_the_orm_thread_once(settings, monkeypatch):
+    """A server that takes the connection and never answers: the first PUBLISH gives up
+    after `PUBLISH_NOW_TIMEOUT` and drops its fragment (at most once); the next ones go
+    through the event loop, so storing never waits on Redis again for a while."""
+    import socket
+
+    from conversations import notify
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    settings.REDIS_URL = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    loop_sends = LoopSends()
+    monkeypatch.setattr(notify, "group_send", loop_sends)
+    bridge = PinecallBridge()
+    sender = bridge._install_sender(asyncio.get_running_loop())
+    sending = asyncio.create_task(bridge._send_broadcasts())
+    try:
+        await asyncio.to_thread(notify.send_html, "direct-test", "<p>lost</p>")
+        assert bridge._direct_paused_until > time.monotonic()
+        await asyncio.to_thread(notify.send_html, "direct-test", "<p>through the loop</p>")
+        await asyncio.wait_for(bridge._broadcasts.join(), 5)
+        assert loop_sends.made == ["<p>through the loop</p>"]
+    finally:
+        notify.send_through(None, replacing=sender)
+        sending.cancel()
+        silent.close()
 
 
 @pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="wake-ups go over Redis only with Redis")
