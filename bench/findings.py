@@ -67,6 +67,31 @@ already most of a 7-9 ms floor. Within 1.5x of it needs the worker's path under
 against this PostgreSQL, is 2.3-2.5 ms before any screen may show it.
 """,
     "fanout_n1": """
+**2026-12-04, later (f41541e..2954ca7), on another host (an AMD EPYC, two to three
+times slower than the Intel Xeon of the table's run: the session's starting commit
+took 43-98 ms per take over and 1,560-1,596 messages/s there), so the table above
+keeps the quieter run and these figures are interleaved A/B pairs on that host:**
+1. the one-message batch's insert and update are a placeholder per value, and the
+   bulk statements are made once per model and fields (psycopg dumped one-element
+   arrays, and asking each field its column type cost more than a round trip): the
+   batch alone 4.3/4.4/4.9 -> 3.4/3.1/3.3 ms p50; fan-out N=1 p50 9.6/9.9 -> 7.5/7.0 ms,
+   N=100 23.5/22.6 -> 19.4/19.3 ms;
+2. a fragment is published from the worker's ORM thread itself while nothing handed
+   to the event loop is unsent (`PinecallBridge._publish_directly`; a Redis that
+   does not answer within 0.2 s holds storing once, then the loop publishes for
+   10 s): the hop and the async client were 1.1 ms of 11.7 ms traced; N=1 p50
+   9.9/14.5 -> 8.6/11.2 ms in a noisier hour (the floors 1.4-2.2 ms);
+3. hiredis parses Redis replies (the presence read of 1,000 viewers 2.2 -> 0.83 ms).
+
+Traced there (one clock, 200 samples at N=1, 11.7 ms p50 in all): the simulator to
+the worker 0.92 ms; spool and store loop 0.5; the hop to the ORM thread 0.5; the
+batch 4.7 until COMMIT and 1.2 for it; the bubble rendered 1.3; the hop 0.25 and the
+PUBLISH 0.88 (now on the ORM thread); Daphne to the harness 0.9. The batch in the
+stack takes twice what it takes alone: each of its six round trips wakes a process on
+an otherwise idle machine. What would close it: fewer round trips (psycopg's pipeline
+mode for the statements whose answers nobody reads, the spool cursor with COMMIT) and
+an idle machine; the floor itself is 1.1-2.2 ms on that host.
+
 **2026-12-04 (66372f1):** p50 6.2-7.2 ms over three passes (8.6-14.7 ms on 2026-12-03,
 on another host, an AMD EPYC where other processes used 1.5-2.7 cores; this one is an
 Intel Xeon, 0.3-0.8 cores used by others). The path itself did not change this round.
@@ -109,6 +134,15 @@ Daphne frames the fragment once per socket. What is above it is the worker's con
 path, the same ~6 ms as at N=1 (see there).
 """,
     "scale": """
+**2026-12-04, later (82e2380), on the slower host described under Fan-out at N=1:**
+the inbox rows, the reload hint and the tab counts go out as one fragment, one
+PUBLISH and one frame per socket (the ingest's burst: 331 frames per operator ->
+8; with 1,000 operators, 1,000 socket writes and browser messages fewer per customer
+message), and the section takes 100 samples per kind (a p99 of 40 was the worst one
+or two). There, with other processes using 1.9 cores, p99 215.6 and 249.2 ms against
+the floor's 229.4 and 163.5 ms (0.94x and 1.52x): within the noise of that host, and
+the floor's own p99 moved by 40 % between passes.
+
 **2026-12-04 (66372f1):** p99 87.3, 108.2 and 94.8 ms over three passes (target 200:
 met), the floor's p99 in the same passes 45.8, 78.0 and 46.4 ms: 1.91x, 1.39x (met in
 that pass) and 2.04x; p50 63.7-71.3 ms, 1.6-1.7x the floor's. 43.0-45.1 KB per idle
