@@ -359,7 +359,7 @@ harness's reader gets the frame.
    `/proc/<pid>/stat`, `worker_idle_cpu_percent`); then 1,000 operators open the same
    conversation (the memory section's method over both processes: 10 sockets each
    opened and closed, VmRSS before, the sockets opened 20 at a time, VmRSS after:
-   `kb_per_socket`); then 40 samples (5 warm-up) of the real path and both floors in
+   `kb_per_socket`); then 100 samples (5 warm-up; 40 until 82e2380) of the real path and both floors in
    turn, each until the fragment is on all 1,000 sockets.
 
 A section that other processes disturbed (more than a fifth of a core) is run again,
