@@ -325,9 +325,11 @@ _sender = None
 def send_through(sender, *, replacing=None) -> None:
     """Route group sends through `sender(group, message)` instead of waiting on each.
 
-    The worker installs one that hands them, in order, to its event loop, so
-    storing an event never waits for Redis. With `replacing`, only if that one
-    is still the one installed (a bridge removing its own, never another's).
+    The worker installs one that publishes a fragment from its ORM thread while
+    nothing waits before it, and otherwise hands sends, in order, to its event
+    loop: storing waits for Redis at most `PUBLISH_NOW_TIMEOUT`, once, when Redis
+    stalls. With `replacing`, only if that one is still the one installed (a
+    bridge removing its own, never another's).
     """
     global _sender
     if replacing is None or _sender is replacing:
